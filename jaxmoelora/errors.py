@@ -19,3 +19,7 @@ class TokenizerError(JaxMoeLoraError):
 
 class ConfigError(JaxMoeLoraError):
     """A configuration value is invalid."""
+
+
+class DataError(JaxMoeLoraError):
+    """A dataset file, record or built-in dataset is missing, malformed or unusable."""
