@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -51,29 +52,57 @@ def build_records(builder: str, size: int | None, seed: int) -> list[dict]:
 
 
 def gsm_symbolic_records(size: int, seed: int) -> list[dict]:
-    """`size` problems from reasoning_gym's `gsm_symbolic` generator, deterministic per seed."""
+    """`size` problems from reasoning_gym's `gsm_symbolic` generator, deterministic per seed.
+
+    The few problems whose answer is not an integer (about 1 in 700) are skipped and later ones taken instead
+    (the generator's items do not depend on the requested size). A solution's final `#### 8.0` line is
+    rewritten as `#### 8` so that it states the answer exactly as `answer` does.
+    """
     try:
         import reasoning_gym
     except ImportError as e:
         raise DataError(
             "the gsm_symbolic dataset needs reasoning-gym, which is not installed: pip install reasoning-gym==0.1.25"
         ) from e
-    records = []
-    for item in reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed):
-        solution = item["metadata"]["answer_cot"]
-        answer = str(item["answer"]).strip()
-        records.append(
-            {
-                "prompt": item["question"],
-                "response": solution,
-                "task_type": 0,
-                "context": None,
-                "messages": None,
-                "answer": answer,
-                "answers": [answer],
-            }
-        )
-    return records
+    records: list[dict] = []
+    generated = size + size // 50 + 10
+    while True:
+        items = reasoning_gym.create_dataset("gsm_symbolic", size=generated, seed=seed)
+        records = [r for r in map(_gsm_record, items) if r is not None]
+        if len(records) >= size or generated > 4 * size + 100:
+            break
+        generated *= 2
+    if len(records) < size:
+        raise DataError(f"gsm_symbolic made only {len(records)} problems with integer answers, fewer than {size}")
+    return records[:size]
+
+
+def _gsm_record(item: dict) -> dict | None:
+    answer = str(item["answer"]).strip()
+    if not re.fullmatch(r"-?\d+", answer):
+        return None
+    lines = item["metadata"]["answer_cot"].rstrip().split("\n")
+    final = re.fullmatch(r"####\s*(.*?)\s*", lines[-1])
+    if final is None:
+        lines.append(f"#### {answer}")
+    elif _number(final.group(1)) == int(answer):
+        lines[-1] = f"#### {answer}"
+    return {
+        "prompt": item["question"],
+        "response": "\n".join(lines),
+        "task_type": 0,
+        "context": None,
+        "messages": None,
+        "answer": answer,
+        "answers": [answer],
+    }
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
 
 
 # ----- BIG-bench --------------------------------------------------------------------------------------------------
