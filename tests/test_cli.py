@@ -55,14 +55,18 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def test_generate_prints_each_prompt_and_its_continuation(model_dir, capsys):
+@pytest.mark.parametrize("chat_template", [True, False], ids=["chat-template", "no-chat-template"])
+def test_generate_prints_each_prompt_and_its_continuation(model_dir, capsys, chat_template):
+    if chat_template:
+        pytest.importorskip("jinja2", reason="transformers needs jinja2 to render the chat template")
     prompts = ["hello world", "the sea is blue"]
-    status = main(["generate", "--model", str(model_dir), "--prompt", prompts[0], "--prompt", prompts[1],
-                   "--max-new-tokens", "5"])
+    argv = ["generate", "--model", str(model_dir), "--prompt", prompts[0], "--prompt", prompts[1],
+            "--max-new-tokens", "5"] + ([] if chat_template else ["--no-chat-template"])
+    status = main(argv)
     out, err = capsys.readouterr()
     assert status == 0, err
     expected = generate(from_pretrained(model_dir), load_tokenizer(model_dir), prompts,
-                        GenerationConfig(max_new_tokens=5))
+                        GenerationConfig(max_new_tokens=5), chat_template=chat_template)
     for i, (prompt, text) in enumerate(zip(prompts, expected), start=1):
         assert f"=== prompt {i} ===\n{prompt}\n" in out
         completion = out.split(f"=== completion {i} (")[1].split("===\n", 1)[1]

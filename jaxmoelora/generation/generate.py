@@ -230,7 +230,11 @@ def _encode_prompts(tokenizer, prompts: Sequence[str | Messages], chat_template:
             raise TypeError(f"prompt {i} must be a string or a list of {{'role': ..., 'content': ...}} messages, "
                             f"got {type(prompt).__name__}")
         if use_template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except ImportError as e:  # transformers renders templates with jinja2, an optional dependency
+                raise TokenizerError(f"cannot apply the tokenizer's chat template: {e} Or pass chat_template=False "
+                                     "(--no-chat-template) to tokenize the prompts as they are.") from e
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(prompt)["input_ids"]

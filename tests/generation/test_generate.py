@@ -194,6 +194,18 @@ CHAT = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {%
         "{% if add_generation_prompt %}<s> assistant : {% endif %}")
 
 
+def _jinja2_available() -> bool:
+    try:
+        import jinja2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_jinja2 = pytest.mark.skipif(not _jinja2_available(), reason="transformers needs jinja2 to render chat templates")
+
+
+@needs_jinja2
 def test_generate_applies_the_chat_template_and_pads_on_the_left(model):
     tokenizer = tiny_tokenizer(CHAT)
     prompts = ["hello world", [{"role": "user", "content": "the sea is blue"}]]
@@ -224,6 +236,18 @@ def test_generate_without_a_template_tokenizes_the_plain_prompt(model):
         generate(model, plain, [[{"role": "user", "content": "hello"}]], config)
     with pytest.raises(TokenizerError, match="no chat template"):
         generate(model, plain, ["hello"], config, chat_template=True)
+
+
+def test_a_chat_template_without_jinja2_is_a_clear_error(model, monkeypatch):
+    tokenizer = tiny_tokenizer(CHAT)
+
+    def apply_chat_template(*args, **kwargs):  # what transformers raises when jinja2 is not installed
+        raise ImportError("apply_chat_template requires jinja2 to be installed. Please install it using "
+                          "`pip install jinja2`.")
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", apply_chat_template)
+    with pytest.raises(TokenizerError, match="jinja2.*--no-chat-template"):
+        generate(model, tokenizer, ["hello"], GenerationConfig(max_new_tokens=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
