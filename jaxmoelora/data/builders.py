@@ -13,12 +13,14 @@ task_type follows LoRAMoE's two groups: 1 (world knowledge) for qa_wikidata, 0 (
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import json
 import os
 import re
 import subprocess
 import sys
 import tarfile
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from jaxmoelora.errors import DataError
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_TARBALL = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+BIGBENCH_URL = f"https://files.pythonhosted.org/packages/source/b/bigbench/{BIGBENCH_TARBALL}"
 WORLD_KNOWLEDGE_TASKS = frozenset({"qa_wikidata"})
 _TASKS_DIR = "bigbench/benchmark_tasks/"
 
@@ -111,9 +114,10 @@ def _number(text: str) -> float | None:
 def bigbench_records(task: str, *, size: int | None = None, seed: int = 0) -> list[dict]:
     """A BIG-bench JSON task's examples; `size` takes a seeded sample of that many (None = all, in file order).
 
-    prompt = the example's input (for multiple choice with `append_choices_to_input`, the choices follow as
-    BIG-bench formats them), response = the target (the first if a list, for `target_scores` the best-scored
-    choice), answers = every accepted target.
+    prompt = the example's input, response = its target (the first if a list), answers = every accepted target.
+    Multiple-choice examples (`target_scores` without a `target`, or in tasks whose preferred score is
+    multiple_choice_grade) learn the best-scored choice instead, with the choices appended to the prompt as
+    BIG-bench formats them unless the task sets `append_choices_to_input: false`.
     """
     with open(bigbench_task_file(task), encoding="utf-8") as f:
         spec = json.load(f)
@@ -126,7 +130,10 @@ def bigbench_records(task: str, *, size: int | None = None, seed: int = 0) -> li
         prompt = example.get("input")
         if not isinstance(prompt, str):
             raise DataError(f"{where}: no string `input`")
-        if "target_scores" in example:
+        multiple_choice = "target_scores" in example and (
+            "target" not in example or spec.get("preferred_score") == "multiple_choice_grade"
+        )
+        if multiple_choice:
             scores = example["target_scores"]
             best = max(scores.values())
             answers = [c for c, s in scores.items() if s == best]
@@ -151,9 +158,10 @@ def bigbench_records(task: str, *, size: int | None = None, seed: int = 0) -> li
             }
         )
     if not records:
+        subtasks = bigbench_subtasks(task)
         raise DataError(
-            f"BIG-bench task {task} has no examples in {bigbench_task_file(task)}; if it is split into subtasks, "
-            f"name one, e.g. bigbench:{task}/<subtask>"
+            f"BIG-bench task {task} has no examples of its own"
+            + (f"; name one of its subtasks: {', '.join(f'bigbench:{task}/{s}' for s in subtasks)}" if subtasks else "")
         )
     if size is not None and size < len(records):
         keep = np.sort(np.random.default_rng(seed).permutation(len(records))[:size])
@@ -170,29 +178,77 @@ def bigbench_task_file(task: str) -> Path:
 
 
 def bigbench_tarball() -> Path:
-    """The bigbench sdist in `<cache>/downloads`, fetched with pip the first time."""
+    """The bigbench sdist in `<cache>/downloads`, fetched the first time.
+
+    `pip download` fetches it where pip is older than 26; pip 26 refuses this sdist after downloading it (its
+    metadata names a `bleurt @ file://` dependency), so there the file comes straight from PyPI's stable source
+    URL, with a progress bar. Nothing is installed and no code from the sdist runs.
+    """
     downloads = cache_dir() / "downloads"
     tarball = downloads / BIGBENCH_TARBALL
     if tarball.exists():
         return tarball
     downloads.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"bigbench=={BIGBENCH_VERSION}", "-d", str(downloads)]  # fmt: skip
     print(f"Downloading BIG-bench ({BIGBENCH_TARBALL}, 358 MB) once into {downloads} ...", file=sys.stderr)
+    if _pip_download(downloads) and tarball.exists():
+        return tarball
     try:
-        result = subprocess.run(command, check=False)
-        failed = result.returncode != 0
-    except OSError:
-        failed = True
-    if failed or not tarball.exists():
-        manual = "python -m " + " ".join(command[2:])
+        _http_download(BIGBENCH_URL, tarball)
+    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+        pip = " ".join(_pip_command(downloads)[1:])
         raise DataError(
-            f"BIG-bench is not in the cache and could not be downloaded (offline?). Missing: {tarball}. "
-            f"Fetch it by hand with `{manual}` (the sdist {BIGBENCH_TARBALL} from PyPI, 358 MB; do not "
-            f"pip install it) and put the file at {tarball}, or set JAXMOELORA_CACHE to a directory whose "
-            f"downloads/ holds it."
-        )
+            f"BIG-bench is not in the cache and could not be downloaded ({e}; offline?). Missing: {tarball}. "
+            f"Fetch the sdist by hand (358 MB; do not pip install it) with `curl -L -o {tarball} {BIGBENCH_URL}`, "
+            f"or with pip older than 26: `python {pip}`, and put it at {tarball} (or set JAXMOELORA_CACHE to a "
+            "directory whose downloads/ holds it)."
+        ) from e
     return tarball
+
+
+def _pip_command(downloads: Path) -> list[str]:
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            f"bigbench=={BIGBENCH_VERSION}", "-d", str(downloads)]  # fmt: skip
+
+
+def _pip_download(downloads: Path) -> bool:
+    """Runs `pip download` (it prints its own progress) where pip can fetch this sdist; True on success."""
+    try:
+        pip_major = int(importlib.metadata.version("pip").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    if pip_major >= 26:
+        return False
+    try:
+        return subprocess.run(_pip_command(downloads), check=False).returncode == 0
+    except OSError:
+        return False
+
+
+def _http_download(url: str, target: Path) -> None:
+    """Streams `url` to `target` (through a .partial file, so an interrupted download is never used)."""
+    from tqdm import tqdm
+
+    partial = target.with_name(target.name + ".partial")
+    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+    size = partial.stat().st_size
+    if total is not None and size != total:
+        partial.unlink()
+        raise OSError(f"the download stopped at {size} of {total} bytes")
+    partial.replace(target)
+
+
+def bigbench_subtasks(task: str) -> list[str]:
+    """The subtasks of a BIG-bench task, listed from the tarball (a few seconds: it streams the whole file)."""
+    prefix = f"{_TASKS_DIR}{task}/"
+    with tarfile.open(bigbench_tarball(), "r|gz") as tar:
+        names = [m.name.split("/", 1)[-1] for m in tar]
+    inner = [n[len(prefix) :] for n in names if n.startswith(prefix)]
+    return sorted(n[: -len("/task.json")] for n in inner if n.endswith("/task.json"))
 
 
 def extract_bigbench_task(tarball: Path, task: str, target: Path) -> Path:

@@ -30,7 +30,9 @@ class DataConfig:
       batch_size: the global batch in rows; each process reads `batch_size // process_count` of them.
       chat_template: render examples with the tokenizer's chat template; None = if the tokenizer has one.
       num_epochs: passes over the training records; None repeats forever.
-      worker_count: grain worker processes (0 = in the main process).
+      worker_count: grain worker processes (0 = in the main process). Examples are tokenized once up front, so
+        workers only pack and batch, and cost ~10 s to start; the batch order depends on worker_count, so resume
+        a run with the same value.
       prompt_template: without a chat template, the text before the response; `{prompt}` is the prompt,
         `{eos}` the tokenizer's EOS token. LoRAMoE's official format is `"{prompt}{eos}"`.
       split_seed: seeds the held-out split and the builders, apart from `seed`, so that runs with

@@ -172,6 +172,7 @@ def make_dataset(
         ),
     )
     if config.worker_count > 0:
+        _allow_unparsed_absl_flags()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
     return batches
 
@@ -183,6 +184,15 @@ def _local_batch(
     rows = list(rows) + [empty_row(max_length, pad_id)] * (batch_size - len(rows))
     mine = rows[start:stop]
     return {key: np.stack([row[key] for row in mine]) for key in ROW_KEYS}
+
+
+def _allow_unparsed_absl_flags() -> None:
+    """grain <= 0.2.18 reads an absl flag in mp_prefetch that raises unless flags were parsed (google/grain#1355,
+    fixed in #1362); scripts that do not run under absl.app get the flags' defaults instead."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _check_split(split: str) -> None:

@@ -146,6 +146,11 @@ def _chat_tokens(record: dict, tokenizer) -> tuple[list[int], list[int], bool]:
     try:
         prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except ImportError as e:
+        raise DataError(
+            f"rendering the tokenizer's chat template needs jinja2 ({e}): pip install jinja2, or set "
+            "data.chat_template=false to use the plain prompt_template"
+        ) from e
     except Exception as e:  # jinja raises TemplateError (e.g. templates that insist on alternating roles)
         raise DataError(
             f"the tokenizer's chat template cannot render this conversation ({type(e).__name__}: {e}); roles: "

@@ -66,7 +66,7 @@ def test_bigbench_subtasks_and_seeded_samples(fake_cache):
     records = bigbench_records("elementary_math_qa/question_only", size=4, seed=0)
     assert len(records) == 4 and records == bigbench_records("elementary_math_qa/question_only", size=4, seed=0)
     assert (fake_cache / "bigbench" / "elementary_math_qa" / "question_only.json").exists()
-    with pytest.raises(DataError, match="bigbench:elementary_math_qa/<subtask>"):
+    with pytest.raises(DataError, match="subtasks: bigbench:elementary_math_qa/question_only"):
         bigbench_records("elementary_math_qa")
 
 
@@ -82,19 +82,40 @@ def test_bigbench_builder_through_the_config(fake_cache):
 
 def test_offline_download_says_what_is_missing_and_how_to_fetch_it(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXMOELORA_CACHE", str(tmp_path))
-    calls = []
+    monkeypatch.setattr(builders, "_pip_download", lambda downloads: False)
 
-    def failing_run(command, check=False):
-        calls.append(command)
-        return type("Result", (), {"returncode": 1})()
+    def offline(url, timeout=None):
+        raise builders.urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(builders.subprocess, "run", failing_run)
+    monkeypatch.setattr(builders.urllib.request, "urlopen", offline)
     with pytest.raises(DataError) as e:
         bigbench_records("qa_wikidata")
     message = str(e.value)
+    tarball = tmp_path / "downloads" / "bigbench-1.0.0.tar.gz"
+    assert f"Missing: {tarball}" in message
+    assert f"curl -L -o {tarball} {builders.BIGBENCH_URL}" in message
     assert "pip download --no-deps --no-binary :all: bigbench==1.0.0" in message
-    assert str(tmp_path / "downloads" / "bigbench-1.0.0.tar.gz") in message
-    assert calls and calls[0][1:4] == ["-m", "pip", "download"]
+    assert not tarball.exists() and not tarball.with_name(tarball.name + ".partial").exists()
+
+
+def test_download_streams_the_sdist_into_the_cache_once(fake_cache, monkeypatch):
+    tarball = fake_cache / "downloads" / builders.BIGBENCH_TARBALL
+    payload = tarball.read_bytes()
+    tarball.unlink()
+    requested = []
+
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(len(payload))}
+
+    def serve(url, timeout=None):
+        requested.append(url)
+        return Response(payload)
+
+    monkeypatch.setattr(builders, "_pip_download", lambda downloads: False)
+    monkeypatch.setattr(builders.urllib.request, "urlopen", serve)
+    assert len(bigbench_records("qa_wikidata")) == 2
+    assert len(bigbench_records("strategyqa")) == 1  # the tarball is reused, not fetched again
+    assert requested == [builders.BIGBENCH_URL] and tarball.read_bytes() == payload
 
 
 @pytest.mark.slow
