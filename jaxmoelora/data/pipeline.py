@@ -139,6 +139,8 @@ def make_dataset(
         )
     if prepared is None:
         prepared = prepare_examples(config, tokenizer, split)
+    if not prepared.stats.records and not prepared.examples:
+        raise DataError(f"the {split} split is empty; set data.eval_size or data.eval_fraction to hold records out")
     if not prepared.examples:
         raise DataError(
             f"the {split} split has no examples left to batch ({prepared.stats.summary()}); raise "

@@ -138,6 +138,8 @@ def test_a_split_with_nothing_left_raises(tmp_path, plain_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "y" * 50, "response": "r"}])
     with pytest.raises(DataError, match="no examples left"):
         make_dataset(DataConfig(path=str(path), max_length=20), plain_tokenizer, process_index=0, process_count=1)
+    with pytest.raises(DataError, match="eval split is empty; set data.eval_size"):
+        make_dataset(DataConfig(path=str(path)), plain_tokenizer, split="eval", process_index=0, process_count=1)
     with pytest.raises(DataError, match="leaves none to train"):
         eval_examples(DataConfig(path=str(path), eval_size=1))
 
