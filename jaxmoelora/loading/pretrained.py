@@ -16,7 +16,7 @@ from jaxmoelora.errors import CheckpointError, TokenizerError
 from jaxmoelora.loading.safetensors_checkpoint import SafetensorsCheckpoint
 from jaxmoelora.models.config import DTYPES, ModelConfig
 from jaxmoelora.models.decoder import CausalLM, abstract_model
-from jaxmoelora.sharding.rules import DEFAULT_RULES, make_mesh, variable_sharding
+from jaxmoelora.sharding.rules import DEFAULT_RULES, make_mesh, shard_model, variable_sharding
 
 
 def resolve(path: str | Path) -> Path:
@@ -51,12 +51,14 @@ def hf_tensor_name(path: tuple[str, ...], layer: int | None) -> str:
 
 def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: str | None = None,
                     mesh: Mesh | None = None, rules=DEFAULT_RULES, scan_layers: bool = True,
-                    remat: bool = False) -> CausalLM:
+                    remat: bool = False, adapter=None, adapter_seed: int = 0) -> CausalLM:
     """Loads a Llama-family model.
 
     `path` is a Hugging Face directory (single or sharded safetensors), a .gguf file, or `smollm2-135m`. Each tensor is
     read from disk region by region and placed straight onto its sharding in `mesh` (one device if None), so a process
     holds at most its own shards. `dtype` is the compute dtype, `param_dtype` the storage dtype (defaults to `dtype`).
+    `adapter` (an `AdapterConfig` or a preset name such as "loramoe") adds experts and routers, sharded by the same
+    rules; they are initialised from `adapter_seed`.
     """
     overrides: dict[str, Any] = dict(scan_layers=scan_layers, remat=remat)
     if dtype is not None:
@@ -74,7 +76,13 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
         sharding = variable_sharding(variable, mesh, rules)
         variable.set_value(_load_variable(checkpoint, tuple(str(p) for p in path_tuple), variable, sharding,
                                           DTYPES[config.param_dtype]))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if adapter is not None:
+        from jaxmoelora.adapters.apply import apply_adapters
+        from jaxmoelora.adapters.variables import ADAPTER_VARIABLES
+        apply_adapters(model, adapter, seed=adapter_seed)
+        shard_model(model, mesh, rules, only=ADAPTER_VARIABLES)
+    return model
 
 
 def _load_variable(checkpoint: SafetensorsCheckpoint, path: tuple[str, ...], variable: nnx.Variable,

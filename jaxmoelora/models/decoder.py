@@ -7,6 +7,8 @@ over a leading `layers` axis; the forward pass scans over it (or unrolls, with `
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from typing import Any
 
 import flax.struct
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmoelora.adapters.variables import AdapterState
 from jaxmoelora.models.config import ModelConfig
 from jaxmoelora.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm
 from jaxmoelora.models.rope import apply_rope, inverse_frequencies, rope_tables
@@ -46,6 +49,25 @@ class AttentionContext:
     cache_index: jax.Array | None  # where the new keys are written in the cache, or None without cache
 
 
+@dataclasses.dataclass
+class ForwardContext:
+    """What the modules of one forward call share. A plain Python object closed over by the layer loop: adapters read
+    the token mask, task types and this layer's PRNG key, and put their auxiliary outputs into `aux`."""
+
+    attention: AttentionContext
+    train: bool
+    token_mask_bt: jax.Array  # real (non-padding) tokens
+    segment_ids_bt: jax.Array | None
+    task_type_bt: jax.Array | None
+    rng: jax.Array | None = None  # this layer's key (training randomness: dropout, merge masks, sampling)
+    aux: dict = dataclasses.field(default_factory=dict)  # {module name: {quantity: array}} of this layer
+
+    def key_for(self, name: str) -> jax.Array:
+        if self.rng is None:
+            raise ValueError("training randomness needs a PRNG key: call the model with rng=jax.random.key(...)")
+        return jax.random.fold_in(self.rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layers: int | None):
         c = config
@@ -67,14 +89,15 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
 
-    def __call__(self, x_btd: jax.Array, ctx: AttentionContext, window: jax.Array,
+    def __call__(self, x_btd: jax.Array, fctx: ForwardContext, window: jax.Array,
                  cache_kv: tuple[jax.Array, jax.Array] | None):
         """Returns the attention output and this call's new (k, v), to be written into the cache by the caller."""
         b, t, _ = x_btd.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q_btnh = self.q_proj(x_btd).reshape(b, t, n, h)
-        k_btkh = self.k_proj(x_btd).reshape(b, t, k, h)
-        v_btkh = self.v_proj(x_btd).reshape(b, t, k, h)
+        ctx = fctx.attention
+        q_btnh = self.q_proj(x_btd, fctx).reshape(b, t, n, h)
+        k_btkh = self.k_proj(x_btd, fctx).reshape(b, t, k, h)
+        v_btkh = self.v_proj(x_btd, fctx).reshape(b, t, k, h)
         if self.q_norm is not None:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh = apply_rope(q_btnh, ctx.cos_btd, ctx.sin_btd)
@@ -92,7 +115,7 @@ class Attention(nnx.Module):
         scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
         probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(q_btkgh.dtype)
         out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, values_bskh.astype(q_btkgh.dtype))
-        return self.o_proj(out_btkgh.reshape(b, t, n * h)), (k_btkh, v_btkh)
+        return self.o_proj(out_btkgh.reshape(b, t, n * h), fctx), (k_btkh, v_btkh)
 
 
 class MLP(nnx.Module):
@@ -104,8 +127,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, axes=("mlp", "embed"), **common)
         self.act = ACTIVATIONS[c.hidden_act]
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext | None = None) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x_btd, ctx)) * self.up_proj(x_btd, ctx), ctx)
 
 
 class DecoderLayer(nnx.Module):
@@ -117,10 +140,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, rngs=rngs, layers=layers)
 
-    def __call__(self, x_btd: jax.Array, ctx: AttentionContext, window: jax.Array, cache_kv=None):
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext, window: jax.Array, cache_kv=None):
         attn_btd, new_kv = self.self_attn(self.input_layernorm(x_btd), ctx, window, cache_kv)
         x_btd = x_btd + attn_btd
-        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), ctx)
         return x_btd, new_kv
 
 
@@ -129,6 +152,8 @@ class DecoderOutput:
     logits_btv: jax.Array  # fp32
     cache: KVCache | None
     hidden_btd: jax.Array  # final hidden states after the last norm
+    aux_losses: dict  # {name: weighted scalar} from the adapters; their sum joins the training loss
+    router_stats: dict  # {module: {statistic: per-layer array}} for logging
 
 
 class CausalLM(nnx.Module):
@@ -136,6 +161,7 @@ class CausalLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.adapter_config = None  # set by jaxmoelora.adapters.apply_adapters
         c = config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
                                   rngs=rngs)
@@ -148,7 +174,8 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids_bt: jax.Array, *, positions_bt: jax.Array | None = None,
                  attention_mask_bt: jax.Array | None = None, segment_ids_bt: jax.Array | None = None,
-                 cache: KVCache | None = None) -> DecoderOutput:
+                 cache: KVCache | None = None, train: bool = False, rng: jax.Array | None = None,
+                 task_type_bt: jax.Array | None = None) -> DecoderOutput:
         """Runs the decoder.
 
         attention_mask_bt marks real tokens (1) and padding (0); positions default to the count of real tokens before
@@ -177,11 +204,13 @@ class CausalLM(nnx.Module):
                 raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
             mask_bts = mask_bts & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(c), c.compute_dtype)
-        ctx = AttentionContext(cos_btd, sin_btd, mask_bts, jnp.broadcast_to(distance_ts, (b, t, size)),
-                               None if cache is None else index)
+        attention = AttentionContext(cos_btd, sin_btd, mask_bts, jnp.broadcast_to(distance_ts, (b, t, size)),
+                                     None if cache is None else index)
+        token_mask_bt = valid_bt if segment_ids_bt is None else valid_bt & (segment_ids_bt > 0)
+        ctx = ForwardContext(attention, train, token_mask_bt, segment_ids_bt, task_type_bt, rng)
 
         x_btd = self.embed_tokens(input_ids_bt)
-        x_btd, new_k_lbtkh, new_v_lbtkh = self._run_layers(x_btd, ctx, cache)
+        x_btd, new_k_lbtkh, new_v_lbtkh, aux_l = self._run_layers(x_btd, ctx, cache)
         hidden_btd = self.norm(x_btd)
         if self.lm_head is None:
             logits_btv = self.embed_tokens.attend(hidden_btd)
@@ -194,32 +223,44 @@ class CausalLM(nnx.Module):
                 jax.lax.dynamic_update_slice(cache.k_lbskh, new_k_lbtkh.astype(cache.k_lbskh.dtype), start),
                 jax.lax.dynamic_update_slice(cache.v_lbskh, new_v_lbtkh.astype(cache.v_lbskh.dtype), start),
                 key_valid_bs, index + t)
-        return DecoderOutput(logits_btv.astype(jnp.float32), new_cache, hidden_btd)
+        aux_losses, router_stats = {}, {}
+        if self.adapter_config is not None:
+            from jaxmoelora.adapters.losses import finalize_aux
+            aux_losses, router_stats = finalize_aux(aux_l, self.adapter_config)
+        return DecoderOutput(logits_btv.astype(jnp.float32), new_cache, hidden_btd, aux_losses, router_stats)
 
-    def _run_layers(self, x_btd: jax.Array, ctx: AttentionContext, cache: KVCache | None):
+    def _run_layers(self, x_btd: jax.Array, ctx: ForwardContext, cache: KVCache | None):
+        """Applies every decoder layer; returns the output, each layer's new keys and values, and the adapters'
+        per-layer auxiliary outputs (stacked over layers). Adapter state changed in training (SLIM's clusters) is
+        written back into `self.layers`."""
         graphdef, layer_state = nnx.split(self.layers)
         windows_l = jnp.asarray(self.config.windows, jnp.int32)
+        num_layers = self.config.num_layers
+        keys_l = None if ctx.rng is None else jax.random.split(ctx.rng, num_layers)
 
         def one_layer(x_btd, per_layer):
-            state, window, cache_kv = per_layer
+            state, window, cache_kv, key = per_layer
             layer = nnx.merge(graphdef, state)
-            x_btd, (k_btkh, v_btkh) = layer(x_btd, ctx, window, cache_kv)
-            return x_btd, (k_btkh, v_btkh)
+            layer_ctx = dataclasses.replace(ctx, rng=key, aux={})
+            x_btd, (k_btkh, v_btkh) = layer(x_btd, layer_ctx, window, cache_kv)
+            new_adapter_state = nnx.state(layer, AdapterState) if ctx.train else None
+            return x_btd, ((k_btkh, v_btkh), layer_ctx.aux, new_adapter_state)
 
         if self.config.remat:
             one_layer = jax.checkpoint(one_layer, prevent_cse=not self.config.scan_layers)
         cache_kv = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
-        xs = (layer_state, windows_l, cache_kv)
+        xs = (layer_state, windows_l, cache_kv, keys_l)
         if self.config.scan_layers:
-            x_btd, (k_lbtkh, v_lbtkh) = jax.lax.scan(one_layer, x_btd, xs)
+            x_btd, ((k_lbtkh, v_lbtkh), aux_l, adapter_state_l) = jax.lax.scan(one_layer, x_btd, xs)
         else:
-            ks, vs = [], []
-            for i in range(self.config.num_layers):
-                x_btd, (k_btkh, v_btkh) = one_layer(x_btd, jax.tree.map(lambda a: a[i], xs))
-                ks.append(k_btkh)
-                vs.append(v_btkh)
-            k_lbtkh, v_lbtkh = jnp.stack(ks), jnp.stack(vs)
-        return x_btd, k_lbtkh, v_lbtkh
+            outputs = []
+            for i in range(num_layers):
+                x_btd, out = one_layer(x_btd, jax.tree.map(lambda a: a[i], xs))
+                outputs.append(out)
+            (k_lbtkh, v_lbtkh), aux_l, adapter_state_l = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+        if ctx.train and jax.tree.leaves(adapter_state_l):
+            nnx.update(self.layers, adapter_state_l)
+        return x_btd, k_lbtkh, v_lbtkh, aux_l
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> CausalLM:

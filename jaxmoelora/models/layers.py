@@ -39,7 +39,8 @@ class Linear(nnx.Module):
                      if use_bias else None)
         self.dtype = dtype
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, ctx=None) -> jax.Array:
+        """`ctx` (a `ForwardContext`) is ignored here; adapter modules that replace a Linear use it."""
         y_btf = jnp.einsum("btd,df->btf", x_btd.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y_btf = y_btf + self.bias[...].astype(self.dtype)

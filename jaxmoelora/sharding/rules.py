@@ -80,9 +80,10 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.St
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
-    """Places every variable of `model` onto its sharding in `mesh` (in place) and returns the model."""
-    graphdef, state = nnx.split(model)
+def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES, only=...) -> nnx.Module:
+    """Places the variables of `model` selected by the filter `only` (all by default) onto their shardings in `mesh`
+    (in place) and returns the model."""
+    state = nnx.state(model, only)
     shardings = state_shardings(state, mesh, rules)
     values = jax.tree.map(lambda v: v.get_value(), state,
                           is_leaf=lambda x: isinstance(x, nnx.Variable))

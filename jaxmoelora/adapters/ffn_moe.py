@@ -1,0 +1,118 @@
+"""FFN-level mixtures (MixLoRA, SLIM): each expert is the frozen FFN with its own LoRA on gate, up and down, one router
+per layer chooses the top-k experts per token; SLIM adds identity experts (the frozen FFN alone), weight yielding and
+dynamic merging.
+
+    E_e(x) = (W2 + s B2_e A2_e)( act((W1 + s B1_e A1_e) x) * (W3 + s B3_e A3_e) x )     (MixLoRA [code])
+    y      = sum_{j in top-k} w_j E_{i_j}(x)
+
+The frozen W1 x and W3 x are computed once. Because W2 is shared and linear, sum_j w_j W2 h_j = W2 (sum_j w_j h_j), so
+the frozen down projection also runs once, on the mixed hidden state; only the low-rank parts are per expert.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoelora.adapters.config import AdapterConfig
+from jaxmoelora.adapters.initializers import make_initializer
+from jaxmoelora.adapters.lora_linear import LoRAExperts, lora_codes
+from jaxmoelora.adapters.routing import router_probs, routing_summary, topk_weights
+from jaxmoelora.adapters.variables import AdapterState, RouterParam
+from jaxmoelora.adapters.yielding import out_of_domain_score, slide_clusters
+from jaxmoelora.models.decoder import MLP
+from jaxmoelora.models.layers import stacked_param
+
+
+class MoEFeedForward(nnx.Module):
+    def __init__(self, base: MLP, name: str, config: AdapterConfig, *, rngs: nnx.Rngs, layers: int | None):
+        d, f = base.gate_proj.kernel.shape[-2:]
+        self.base = base
+        self.name = name
+        self.config = config
+        lora = dict(config=config, rngs=rngs, layers=layers)
+        e = config.num_lora_experts
+        self.gate_experts = LoRAExperts(d, f, e, in_axis="embed", out_axis="mlp", **lora)
+        self.up_experts = LoRAExperts(d, f, e, in_axis="embed", out_axis="mlp", **lora)
+        self.down_experts = LoRAExperts(f, d, e, in_axis="mlp", out_axis="embed", **lora)
+        init = make_initializer(config.router_init, d, config.router_init_range)
+        self.router = stacked_param(rngs, init, (d, config.num_experts), ("embed", "expert"), jnp.float32, layers,
+                                    RouterParam)
+        if config.num_clusters:
+            k = config.num_clusters
+            normal = lambda key, shape, dtype: jax.random.normal(key, shape, dtype)  # noqa: E731
+            ones = lambda key, shape, dtype: jnp.ones(shape, dtype)  # noqa: E731
+            self.cluster_centres = stacked_param(rngs, normal, (k, d), (None, "embed"), jnp.float32, layers,
+                                                 AdapterState)
+            self.cluster_sigma = stacked_param(rngs, ones, (k, d), (None, "embed"), jnp.float32, layers, AdapterState)
+        else:
+            self.cluster_centres = self.cluster_sigma = None
+
+    def __call__(self, x_btd: jax.Array, ctx=None) -> jax.Array:
+        config, base = self.config, self.base
+        train = ctx is not None and ctx.train
+        n_id = config.num_identity_experts
+        logits_bte, _ = router_probs(x_btd, self.router[...])
+        if self.cluster_centres is not None:
+            x32_btd = x_btd.astype(jnp.float32)
+            d_bt = out_of_domain_score(x32_btd, self.cluster_centres[...], self.cluster_sigma[...])
+            shift_bt = config.yield_strength * jax.nn.relu(d_bt)
+            logits_bte = logits_bte.at[:, :, :n_id].add(shift_bt[..., None])
+            if train:
+                centres, sigma = slide_clusters(x32_btd, ctx.token_mask_bt.astype(jnp.float32),
+                                                self.cluster_centres[...], self.cluster_sigma[...],
+                                                config.cluster_momentum)
+                self.cluster_centres.set_value(centres)
+                self.cluster_sigma.set_value(sigma)
+        probs_bte = jax.nn.softmax(logits_bte, axis=-1)
+        weights_bte, weights_btk, index_btk = topk_weights(probs_bte, config.top_k, config.renormalize_topk)
+        # Slot j's LoRA expert as a one-hot over the LoRA experts; identity experts select none.
+        lora_onehot_btke = jax.nn.one_hot(index_btk - n_id, config.num_lora_experts, dtype=x_btd.dtype)
+
+        def key(part):
+            if not train:
+                return None
+            return ctx.key_for(f"{self.name}/{part}")
+
+        merge = train or config.merge_at_inference
+        s = config.scaling
+        a_g, b_g = self.gate_experts.factors(key("merge_gate") if merge and ctx is not None else None, config)
+        a_u, b_u = self.up_experts.factors(key("merge_up") if merge and ctx is not None else None, config)
+        a_d, b_d = self.down_experts.factors(key("merge_down") if merge and ctx is not None else None, config)
+
+        gate_btf, up_btf = base.gate_proj(x_btd), base.up_proj(x_btd)
+        onehot_btke1 = lora_onehot_btke[..., None]
+        # Each slot keeps only its own expert's rank-r code, then one matmul over (expert, rank) applies B.
+        codes_g_btker = lora_codes(x_btd, a_g, key=key("dropout_gate"), dropout=config.dropout)[:, :, None]
+        codes_u_btker = lora_codes(x_btd, a_u, key=key("dropout_up"), dropout=config.dropout)[:, :, None]
+        gate_btkf = gate_btf[:, :, None] + s * jnp.einsum("btker,erf->btkf", codes_g_btker * onehot_btke1,
+                                                          b_g.astype(x_btd.dtype))
+        up_btkf = up_btf[:, :, None] + s * jnp.einsum("btker,erf->btkf", codes_u_btker * onehot_btke1,
+                                                      b_u.astype(x_btd.dtype))
+        hidden_btkf = base.act(gate_btkf) * up_btkf
+        w_btk = weights_btk.astype(x_btd.dtype)
+        if config.renormalize_topk:
+            # h0 + sum_j w_j (h_j - h0) equals sum_j w_j h_j when the weights sum to one, and is exactly the frozen
+            # FFN's hidden state when every adapter is zero (identity experts, B = 0).
+            hidden_btf = base.act(gate_btf) * up_btf
+            mixed_btf = hidden_btf + jnp.einsum("btk,btkf->btf", w_btk, hidden_btkf - hidden_btf[:, :, None])
+        else:
+            mixed_btf = jnp.einsum("btk,btkf->btf", w_btk, hidden_btkf)
+        out_btd = base.down_proj(mixed_btf)
+        down_in_btkf = hidden_btkf
+        if train and config.dropout > 0:
+            keep = jax.random.bernoulli(key("dropout_down"), 1.0 - config.dropout, hidden_btkf.shape)
+            down_in_btkf = jnp.where(keep, hidden_btkf / (1.0 - config.dropout), 0).astype(hidden_btkf.dtype)
+        codes_d_btker = jnp.einsum("btkf,efr->btker", down_in_btkf, a_d.astype(x_btd.dtype))
+        mixed_codes_bter = jnp.einsum("btk,btker->bter", w_btk, codes_d_btker * onehot_btke1)
+        out_btd = out_btd + s * jnp.einsum("bter,erd->btd", mixed_codes_bter, b_d.astype(x_btd.dtype))
+        if ctx is not None:
+            aux = routing_summary(probs_bte, index_btk, ctx.token_mask_bt)
+            if n_id:
+                identity_bt = jnp.sum(weights_bte[:, :, :n_id], axis=-1)
+                aux["identity_sum"] = jnp.sum(identity_bt * ctx.token_mask_bt)
+            if config.l1_weight:
+                aux["l1"] = self.gate_experts.l1() + self.up_experts.l1() + self.down_experts.l1()
+            ctx.aux[self.name] = aux
+        return out_btd

@@ -1,0 +1,132 @@
+"""A frozen linear with a mixture of LoRA experts beside it: plain LoRA, LoRAMoE, MoELoRA, MoRAL and HydraLoRA.
+
+    y = W0 x + s * sum_e w_e(x) B_e A_e dropout_e(x)          (LoRAMoE [code peft/tuners/lora.py] and its kin)
+
+The experts are one stacked matmul: x @ A_(d, E*r) gives every expert's rank-r code at the cost of a rank E*r LoRA; the
+router weights scale each expert's block (zeros outside the top-k), and @ B_(E*r, f) mixes them. Dense and top-k routing
+therefore cost the same, and the frozen projection W0 x is computed once for all experts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoelora.adapters.config import AdapterConfig
+from jaxmoelora.adapters.initializers import make_initializer
+from jaxmoelora.adapters.merging import merge_masks
+from jaxmoelora.adapters.routing import router_probs, routing_summary, topk_weights
+from jaxmoelora.adapters.variables import ExpertParam, RouterParam
+from jaxmoelora.models.layers import Linear, stacked_param
+
+
+def expert_dropout(key: jax.Array, x_btd: jax.Array, rate: float, num_experts: int) -> jax.Array:
+    """Independent inverted-dropout copies of x, one per expert: (experts, batch, time, d)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, (num_experts, *x_btd.shape))
+    return jnp.where(keep, x_btd[None] / (1.0 - rate), 0).astype(x_btd.dtype)
+
+
+def lora_codes(x_btd: jax.Array, a_edr: jax.Array, *, key: jax.Array | None, dropout: float) -> jax.Array:
+    """x A_e for every expert: (batch, time, experts, rank); per-expert dropout when `key` is given."""
+    if key is not None and dropout > 0:
+        x_ebtd = expert_dropout(key, x_btd, dropout, a_edr.shape[0])
+        return jnp.einsum("ebtd,edr->bter", x_ebtd, a_edr.astype(x_btd.dtype))
+    return jnp.einsum("btd,edr->bter", x_btd, a_edr.astype(x_btd.dtype))
+
+
+class LoRAExperts(nnx.Module):
+    """The stacked factors A (experts, d_in, r) and B (experts, r, d_out); HydraLoRA shares one A."""
+
+    def __init__(self, d_in: int, d_out: int, num_experts: int, config: AdapterConfig, *, rngs: nnx.Rngs,
+                 layers: int | None, in_axis: str | None, out_axis: str | None, shared_a: bool = False):
+        num_a = 1 if shared_a else num_experts
+        init_a = make_initializer(config.init_a, d_in)
+        init_b = make_initializer(config.init_b, config.rank)
+        self.lora_a = stacked_param(rngs, init_a, (num_a, d_in, config.rank), ("expert", in_axis, "lora_rank"),
+                                    jnp.float32, layers, ExpertParam)
+        self.lora_b = stacked_param(rngs, init_b, (num_experts, config.rank, d_out),
+                                    ("expert", "lora_rank", out_axis), jnp.float32, layers, ExpertParam)
+        self.num_experts, self.rank = num_experts, config.rank
+
+    def factors(self, key: jax.Array | None, config: AdapterConfig) -> tuple[jax.Array, jax.Array]:
+        """A and B, with SLIM's dynamic-merging masks applied when `key` is given."""
+        a_edr, b_erf = self.lora_a[...], self.lora_b[...]
+        if key is not None and config.merge_drop_rate > 0:
+            keep_in_ed, keep_out_ef = merge_masks(key, self.num_experts, a_edr.shape[1], b_erf.shape[2],
+                                                  config.merge_drop_rate, config.merge_rescale)
+            a_edr = a_edr * keep_in_ed[:, :, None]
+            b_erf = b_erf * keep_out_ef[:, None, :]
+        return a_edr, b_erf
+
+    def l1(self) -> jax.Array:
+        """SLIM's L1 term: sum over experts of |B|_1 / (r * C_out) + |A|_1 / (r * C_in)."""
+        a_edr, b_erf = self.lora_a[...], self.lora_b[...]
+        return (jnp.sum(jnp.abs(b_erf)) / (self.rank * b_erf.shape[-1])
+                + jnp.sum(jnp.abs(a_edr)) / (self.rank * a_edr.shape[1]))
+
+
+class AdaptedLinear(nnx.Module):
+    """Wraps a frozen `Linear` (its kernel is shared, never copied) with LoRA experts and an optional router."""
+
+    def __init__(self, base: Linear, name: str, config: AdapterConfig, *, num_experts: int, top_k: int,
+                 shared_a: bool, rngs: nnx.Rngs, layers: int | None):
+        kernel = base.kernel
+        d_in, d_out = kernel.shape[-2], kernel.shape[-1]
+        in_axis, out_axis = kernel.get_metadata()["logical_axes"][-2:]
+        self.base = base
+        self.name = name
+        self.config = config
+        self.top_k = top_k
+        self.experts = LoRAExperts(d_in, d_out, num_experts, config, rngs=rngs, layers=layers, in_axis=in_axis,
+                                   out_axis=out_axis, shared_a=shared_a)
+        # Stored (d_in, experts); kaiming bounds use fan_in = d_in as torch's (experts, d_in) weight does.
+        init = make_initializer(config.router_init, d_in, config.router_init_range)
+        self.router = stacked_param(rngs, init, (d_in, num_experts), (in_axis, "expert"), jnp.float32, layers,
+                                    RouterParam) if num_experts > 1 else None
+        self.merged = False
+
+    def __call__(self, x_btd: jax.Array, ctx=None) -> jax.Array:
+        y_btf = self.base(x_btd)
+        if self.merged:
+            return y_btf
+        config = self.config
+        train = ctx is not None and ctx.train
+        x_btd = x_btd.astype(y_btf.dtype)
+        merge_key = None
+        if config.merge_drop_rate > 0 and (train or config.merge_at_inference) and ctx is not None:
+            merge_key = ctx.key_for(self.name + "/merge")
+        a_edr, b_erf = self.experts.factors(merge_key, config)
+        dropout_key = ctx.key_for(self.name + "/dropout") if train and config.dropout > 0 else None
+        codes_bter = lora_codes(x_btd, a_edr, key=dropout_key, dropout=config.dropout)
+        if codes_bter.shape[2] != b_erf.shape[0]:  # HydraLoRA: one A code shared by every B head
+            codes_bter = jnp.broadcast_to(codes_bter, (*codes_bter.shape[:2], b_erf.shape[0], codes_bter.shape[3]))
+        if self.router is not None:
+            logits_bte, probs_bte = router_probs(x_btd, self.router[...])
+            if self.top_k:
+                weights_bte, _, index_btk = topk_weights(probs_bte, self.top_k, config.renormalize_topk)
+            else:
+                weights_bte, index_btk = probs_bte, None
+            if ctx is not None:
+                self._record_aux(ctx, probs_bte, index_btk, codes_bter, b_erf)
+            codes_bter = codes_bter * weights_bte.astype(codes_bter.dtype)[..., None]
+        elif ctx is not None and config.l1_weight:
+            ctx.aux[self.name] = {"l1": self.experts.l1()}
+        delta_btf = jnp.einsum("bter,erf->btf", codes_bter, b_erf.astype(codes_bter.dtype))
+        return y_btf + (config.scaling * delta_btf).astype(y_btf.dtype)
+
+    def _record_aux(self, ctx, probs_bte, index_btk, codes_bter, b_erf) -> None:
+        from jaxmoelora.adapters import losses
+        config = self.config
+        aux = routing_summary(probs_bte, index_btk, ctx.token_mask_bt)
+        if ctx.train and config.lbc_weight and ctx.task_type_bt is not None:
+            aux["lbc"] = losses.localized_balancing_loss(
+                probs_bte, ctx.task_type_bt, ctx.token_mask_bt if config.lbc_mask_padding else None,
+                ctx.segment_ids_bt, config.lbc_delta)
+        if ctx.train and config.contrastive_weight:
+            aux["contrastive"] = losses.sampled_expert_contrastive_loss(
+                ctx.key_for(self.name + "/contrastive"), codes_bter, b_erf, ctx.token_mask_bt,
+                config.contrastive_tokens, config.contrastive_temperature, config.scaling)
+        if config.l1_weight:
+            aux["l1"] = self.experts.l1()
+        ctx.aux[self.name] = aux
