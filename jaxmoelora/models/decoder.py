@@ -250,14 +250,10 @@ class CausalLM(nnx.Module):
             one_layer = jax.checkpoint(one_layer, prevent_cse=not self.config.scan_layers)
         cache_kv = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
         xs = (layer_state, windows_l, cache_kv, keys_l)
-        if self.config.scan_layers:
-            x_btd, ((k_lbtkh, v_lbtkh), aux_l, adapter_state_l) = jax.lax.scan(one_layer, x_btd, xs)
-        else:
-            outputs = []
-            for i in range(num_layers):
-                x_btd, out = one_layer(x_btd, jax.tree.map(lambda a: a[i], xs))
-                outputs.append(out)
-            (k_lbtkh, v_lbtkh), aux_l, adapter_state_l = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+        # Unrolled (scan_layers=False) compiles each layer separately: compile time grows with depth, but XLA may
+        # schedule across layers.
+        unroll = 1 if self.config.scan_layers else num_layers
+        x_btd, ((k_lbtkh, v_lbtkh), aux_l, adapter_state_l) = jax.lax.scan(one_layer, x_btd, xs, unroll=unroll)
         if ctx.train and jax.tree.leaves(adapter_state_l):
             nnx.update(self.layers, adapter_state_l)
         return x_btd, k_lbtkh, v_lbtkh, aux_l
