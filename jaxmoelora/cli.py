@@ -22,6 +22,7 @@ from jaxmoelora.errors import CheckpointError, JaxMoeLoraError
 SUBCOMMANDS: list[str] = [
     "jaxmoelora.cli:add_generate_parser",
     "jaxmoelora.cli:add_convert_parser",
+    "jaxmoelora.training.cli:add_train_parser",
 ]
 USER_ERROR_STATUS = 2
 

@@ -1,0 +1,13 @@
+"""Fine-tune a model with a mixture-of-LoRA-experts method.
+
+    python train.py configs/loramoe.yaml train.steps=200 data.path=my_data.jsonl
+
+The same as `jaxmoelora train ...`; the work lives in jaxmoelora.training.
+"""
+
+import sys
+
+from jaxmoelora.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
