@@ -142,6 +142,8 @@ def plot_run(history: list[dict[str, float]], output_dir: Path) -> list[Path]:
             for k in keys:
                 grid[int(k.split("/")[3][5:]), int(k.split("/")[4][1:])] = last[k]
             image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+            ax.set_xticks(range(experts))
+            ax.set_yticks(range(layers))
             ax.set_title(f"{module}: load share")
             ax.set_xlabel("expert")
             ax.set_ylabel("layer")
