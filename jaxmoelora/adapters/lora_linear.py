@@ -27,10 +27,17 @@ def expert_dropout(key: jax.Array, x_btd: jax.Array, rate: float, num_experts: i
     return jnp.where(keep, x_btd[None] / (1.0 - rate), 0).astype(x_btd.dtype)
 
 
-def lora_codes(x_btd: jax.Array, a_edr: jax.Array, *, key: jax.Array | None, dropout: float) -> jax.Array:
-    """x A_e for every expert: (batch, time, experts, rank); per-expert dropout when `key` is given."""
+def lora_codes(x_btd: jax.Array, a_edr: jax.Array, *, key: jax.Array | None, dropout: float,
+               num_experts: int | None = None) -> jax.Array:
+    """x A_e for every expert: (batch, time, experts, rank); per-expert dropout when `key` is given.
+
+    With one shared A (HydraLoRA) and `num_experts` B heads, each head still sees its own dropout mask, as the official
+    code calls `lora_dropout(x)` inside its loop over heads; without dropout the one code is returned (experts = 1)."""
+    num_experts = num_experts or a_edr.shape[0]
     if key is not None and dropout > 0:
-        x_ebtd = expert_dropout(key, x_btd, dropout, a_edr.shape[0])
+        x_ebtd = expert_dropout(key, x_btd, dropout, num_experts)
+        if a_edr.shape[0] != num_experts:
+            return jnp.einsum("ebtd,dr->bter", x_ebtd, a_edr[0].astype(x_btd.dtype))
         return jnp.einsum("ebtd,edr->bter", x_ebtd, a_edr.astype(x_btd.dtype))
     return jnp.einsum("btd,edr->bter", x_btd, a_edr.astype(x_btd.dtype))
 
@@ -98,7 +105,7 @@ class AdaptedLinear(nnx.Module):
             merge_key = ctx.key_for(self.name + "/merge")
         a_edr, b_erf = self.experts.factors(merge_key, config)
         dropout_key = ctx.key_for(self.name + "/dropout") if train and config.dropout > 0 else None
-        codes_bter = lora_codes(x_btd, a_edr, key=dropout_key, dropout=config.dropout)
+        codes_bter = lora_codes(x_btd, a_edr, key=dropout_key, dropout=config.dropout, num_experts=b_erf.shape[0])
         if codes_bter.shape[2] != b_erf.shape[0]:  # HydraLoRA: one A code shared by every B head
             codes_bter = jnp.broadcast_to(codes_bter, (*codes_bter.shape[:2], b_erf.shape[0], codes_bter.shape[3]))
         if self.router is not None:

@@ -35,6 +35,11 @@ def randomize_lora_b(module: nnx.Module, seed: int = 1, scale: float = 0.3) -> N
     nnx.update(module, state)
 
 
+def normal(seed: int, shape, scale: float = 1.0) -> jax.Array:
+    """Random test inputs drawn with numpy (each new shape of a jax.random call costs seconds of compilation)."""
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def np_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
