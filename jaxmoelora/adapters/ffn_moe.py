@@ -70,22 +70,22 @@ class MoEFeedForward(nnx.Module):
         # Slot j's LoRA expert as a one-hot over the LoRA experts; identity experts select none.
         lora_onehot_btke = jax.nn.one_hot(index_btk - n_id, config.num_lora_experts, dtype=x_btd.dtype)
 
-        def key(part):
-            if not train:
-                return None
-            return ctx.key_for(f"{self.name}/{part}")
+        def key(part: str, needed: bool) -> jax.Array | None:
+            return ctx.key_for(f"{self.name}/{part}") if needed and ctx is not None else None
 
-        merge = train or config.merge_at_inference
+        # Dynamic-merging masks in training, and at inference too when configured; dropout in training only.
+        merge = config.merge_drop_rate > 0 and (train or config.merge_at_inference)
+        dropout = train and config.dropout > 0
         s = config.scaling
-        a_g, b_g = self.gate_experts.factors(key("merge_gate") if merge and ctx is not None else None, config)
-        a_u, b_u = self.up_experts.factors(key("merge_up") if merge and ctx is not None else None, config)
-        a_d, b_d = self.down_experts.factors(key("merge_down") if merge and ctx is not None else None, config)
+        a_g, b_g = self.gate_experts.factors(key("merge_gate", merge), config)
+        a_u, b_u = self.up_experts.factors(key("merge_up", merge), config)
+        a_d, b_d = self.down_experts.factors(key("merge_down", merge), config)
 
         gate_btf, up_btf = base.gate_proj(x_btd), base.up_proj(x_btd)
         onehot_btke1 = lora_onehot_btke[..., None]
         # Each slot keeps only its own expert's rank-r code, then one matmul over (expert, rank) applies B.
-        codes_g_btker = lora_codes(x_btd, a_g, key=key("dropout_gate"), dropout=config.dropout)[:, :, None]
-        codes_u_btker = lora_codes(x_btd, a_u, key=key("dropout_up"), dropout=config.dropout)[:, :, None]
+        codes_g_btker = lora_codes(x_btd, a_g, key=key("dropout_gate", dropout), dropout=config.dropout)[:, :, None]
+        codes_u_btker = lora_codes(x_btd, a_u, key=key("dropout_up", dropout), dropout=config.dropout)[:, :, None]
         gate_btkf = gate_btf[:, :, None] + s * jnp.einsum("btker,erf->btkf", codes_g_btker * onehot_btke1,
                                                           b_g.astype(x_btd.dtype))
         up_btkf = up_btf[:, :, None] + s * jnp.einsum("btker,erf->btkf", codes_u_btker * onehot_btke1,
@@ -101,8 +101,8 @@ class MoEFeedForward(nnx.Module):
             mixed_btf = jnp.einsum("btk,btkf->btf", w_btk, hidden_btkf)
         out_btd = base.down_proj(mixed_btf)
         down_in_btkf = hidden_btkf
-        if train and config.dropout > 0:
-            keep = jax.random.bernoulli(key("dropout_down"), 1.0 - config.dropout, hidden_btkf.shape)
+        if dropout:
+            keep = jax.random.bernoulli(key("dropout_down", dropout), 1.0 - config.dropout, hidden_btkf.shape)
             down_in_btkf = jnp.where(keep, hidden_btkf / (1.0 - config.dropout), 0).astype(hidden_btkf.dtype)
         codes_d_btker = jnp.einsum("btkf,efr->btker", down_in_btkf, a_d.astype(x_btd.dtype))
         mixed_codes_bter = jnp.einsum("btk,btker->bter", w_btk, codes_d_btker * onehot_btke1)
