@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxmoelora.errors import CheckpointError, TokenizerError
+from jaxmoelora.errors import CheckpointError, TokenizerError, UnsupportedArchitectureError
 from jaxmoelora.loading.safetensors_checkpoint import SafetensorsCheckpoint
-from jaxmoelora.models.config import DTYPES, ModelConfig
+from jaxmoelora.models.config import DTYPES, SUPPORTED_ARCHITECTURES, ModelConfig
 from jaxmoelora.models.decoder import CausalLM, abstract_model
 from jaxmoelora.sharding.rules import DEFAULT_RULES, make_mesh, shard_model, variable_sharding
 
@@ -30,8 +31,17 @@ def resolve(path: str | Path) -> Path:
 def load_config(path: str | Path, **overrides: Any) -> ModelConfig:
     import transformers
     directory = resolve(path)
-    if not (directory / "config.json").is_file():
+    config_file = directory / "config.json"
+    if not config_file.is_file():
         raise CheckpointError(f"{directory} has no config.json; pass a Hugging Face model directory or a .gguf file")
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {config_file}: {e}; it must be a JSON object") from e
+    # Before AutoConfig, which rejects model types it does not know with a message about upgrading transformers.
+    if architectures and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+        raise UnsupportedArchitectureError(f"{config_file} names architecture {architectures}, which is not supported; "
+                                           f"jaxmoelora implements {sorted(SUPPORTED_ARCHITECTURES)}")
     try:
         hf_config = transformers.AutoConfig.from_pretrained(str(directory))
     except Exception as e:
@@ -119,10 +129,18 @@ def _load_variable(checkpoint: SafetensorsCheckpoint, path: tuple[str, ...], var
     return jax.make_array_from_callback(shape, sharding, read_region)
 
 
+# Files from which transformers can build a tokenizer (fast, sentencepiece, or byte-level BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(path: str | Path):
     """The Hugging Face tokenizer of a model directory, .gguf file or known model name."""
     import transformers
     directory = resolve(path)
+    found = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not found:
+        raise TokenizerError(f"cannot build a tokenizer from {directory}: it has none of {list(TOKENIZER_FILES)}; "
+                             "copy the model's tokenizer.json and tokenizer_config.json into it")
     try:
         return transformers.AutoTokenizer.from_pretrained(str(directory))
     except Exception as e:

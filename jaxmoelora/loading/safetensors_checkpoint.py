@@ -27,8 +27,10 @@ class SafetensorsCheckpoint:
             except (OSError, ValueError, KeyError) as e:
                 raise CheckpointError(f"cannot read the safetensors index {index}: {e}") from e
             self.files = {name: self.directory / file for name, file in weight_map.items()}
+            self.source = index
         elif single.is_file():
             self.files = {name: single for name in self._open(single).keys()}
+            self.source = single
         else:
             found = sorted(p.name for p in self.directory.glob("*.safetensors"))
             raise CheckpointError(
@@ -55,7 +57,9 @@ class SafetensorsCheckpoint:
 
     def file_of(self, name: str) -> Path:
         if name not in self.files:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}")
+            where = f"listed in {self.source}" if self.source.name == INDEX_FILE else f"in {self.source}"
+            raise CheckpointError(f"tensor {name!r} is not {where}; the checkpoint is incomplete or does not match "
+                                  "its config.json")
         return self.files[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
