@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoelora.adapters.config import AdapterConfig
+from jaxmoelora.adapters.fast_random import keep_mask
 from jaxmoelora.adapters.initializers import make_initializer
 from jaxmoelora.adapters.merging import merge_masks
 from jaxmoelora.adapters.routing import router_probs, routing_summary, topk_weights
@@ -23,7 +24,7 @@ from jaxmoelora.models.layers import Linear, stacked_param
 
 def expert_dropout(key: jax.Array, x_btd: jax.Array, rate: float, num_experts: int) -> jax.Array:
     """Independent inverted-dropout copies of x, one per expert: (experts, batch, time, d)."""
-    keep = jax.random.bernoulli(key, 1.0 - rate, (num_experts, *x_btd.shape))
+    keep = keep_mask(key, (num_experts, *x_btd.shape), 1.0 - rate)
     return jnp.where(keep, x_btd[None] / (1.0 - rate), 0).astype(x_btd.dtype)
 
 
