@@ -68,3 +68,19 @@ def make_optimizer(options: TrainOptions, trainable: nnx.State) -> optax.Gradien
     if options.grad_clip:
         return optax.chain(optax.clip_by_global_norm(options.grad_clip), partitioned)
     return partitioned
+
+
+def optimizer_state_shardings(tx: optax.GradientTransformation, trainable: nnx.State, default):
+    """Where each optimizer-state leaf lives: a leaf shaped like a trainable parameter (AdamW's moments), found by the
+    parameter's path at the end of its own, takes that parameter's sharding; the rest (step counts) take `default`.
+    So the optimizer state is sharded like the adapters rather than replicated on every device."""
+    params = {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_leaves_with_path(trainable)}
+
+    def sharding(path, leaf):
+        for start in range(len(path)):
+            param = params.get(jax.tree_util.keystr(path[start:]))
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
+        return default
+
+    return jax.tree_util.tree_map_with_path(sharding, jax.eval_shape(tx.init, trainable))

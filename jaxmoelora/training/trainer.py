@@ -87,7 +87,7 @@ def train(config: ExperimentConfig, *, stop_after: int | None = None, quiet: boo
     from jaxmoelora.sharding.rules import batch_sharding, make_mesh
     from jaxmoelora.training.checkpointing import AdapterCheckpointer, abstract_like
     from jaxmoelora.training.metrics import MetricsLogger, plot_run
-    from jaxmoelora.training.optimizer import make_optimizer, split_by_labels
+    from jaxmoelora.training.optimizer import make_optimizer, optimizer_state_shardings, split_by_labels
     from jaxmoelora.training.step import BATCH_KEYS, TrainState, make_train_step
 
     initialize_distributed(config.distributed)
@@ -111,13 +111,16 @@ def train(config: ExperimentConfig, *, stop_after: int | None = None, quiet: boo
         f" of {trainable_count + frozen_count:,}); method {config.adapter.method}")
 
     tx = make_optimizer(options, trainable)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init)(trainable)
+        opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, trainable, replicated))(trainable)
     rng = jax.random.key_data(jax.random.key(options.seed))
-    state = TrainState(jax.numpy.zeros((), jax.numpy.int32), trainable, adapter_state, opt_state,
-                       jax.device_put(rng, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
-    state = jax.device_put(state, jax.tree.map(lambda x: getattr(x, "sharding", None) or
-                                               jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state))
+    state = TrainState(jax.numpy.zeros((), jax.numpy.int32), trainable, adapter_state, opt_state, rng)
+    # Every leaf on the mesh: the step counter and any leaf made outside it (on one device) are replicated, so the
+    # jitted step sees one device set on any mesh and process count.
+    state = jax.device_put(state, jax.tree.map(
+        lambda x: x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else replicated,
+        state))
 
     if config.data.batch_size % options.grad_accum_steps:
         raise JaxMoeLoraError(f"data.batch_size={config.data.batch_size} must be a multiple of "
