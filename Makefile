@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 JAXMOELORA_CACHE ?= $(HOME)/.cache/jaxmoelora
 export JAXMOELORA_CACHE
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo generate-demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,12 +28,16 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
+	$(VENV)/bin/jaxmoelora train configs/demo.yaml
+
+generate-demo: $(STAMP)
 	$(VENV)/bin/jaxmoelora generate --model smollm2-135m --max-new-tokens 48 \
 		--prompt "What is the capital of France?" \
 		--prompt "Write one sentence about the sea."
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_adapters.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
