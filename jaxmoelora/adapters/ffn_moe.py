@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoelora.adapters.config import AdapterConfig
+from jaxmoelora.adapters.fast_random import keep_mask
 from jaxmoelora.adapters.initializers import make_initializer
 from jaxmoelora.adapters.lora_linear import LoRAExperts, lora_codes
 from jaxmoelora.adapters.routing import router_probs, routing_summary, topk_weights
@@ -102,7 +103,7 @@ class MoEFeedForward(nnx.Module):
         out_btd = base.down_proj(mixed_btf)
         down_in_btkf = hidden_btkf
         if dropout:
-            keep = jax.random.bernoulli(key("dropout_down", dropout), 1.0 - config.dropout, hidden_btkf.shape)
+            keep = keep_mask(key("dropout_down", dropout), hidden_btkf.shape, 1.0 - config.dropout)
             down_in_btkf = jnp.where(keep, hidden_btkf / (1.0 - config.dropout), 0).astype(hidden_btkf.dtype)
         codes_d_btker = jnp.einsum("btkf,efr->btker", down_in_btkf, a_d.astype(x_btd.dtype))
         mixed_codes_bter = jnp.einsum("btk,btker->bter", w_btk, codes_d_btker * onehot_btke1)

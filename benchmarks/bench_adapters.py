@@ -1,0 +1,225 @@
+"""Training-step time of every adapter method against plain LoRA with the same number of trainable parameters, and of
+LoRAMoE against a naive per-expert loop written the way the official LoRAMoE code writes it.
+
+One step = a jitted forward + backward on a (batch, seq) batch, gradients w.r.t. the trainable adapter state only,
+loss = mean cross-entropy + the method's weighted auxiliary losses (train=True: dropout, SLIM's masks and clusters).
+For each method, plain LoRA goes on the same target modules with the rank that matches the method's trainable count
+(same dropout); the two are timed alternately in the same run, and the ratio is method / LoRA (issue 3's targets:
+<= 1.25 for every MoE method, <= 1.15 for LoRAMoE). The naive loop (`NaiveLoRAMoELinear`) runs LoRAMoE's forward as
+`peft/tuners/lora.py` does: for each expert, `result += w_e * B_e(A_e(dropout(x))) * s`, a new dropout mask each time.
+
+    python benchmarks/bench_adapters.py                    # small Llama (512 hidden, 4 layers) and SmolLM2-135M
+    python benchmarks/bench_adapters.py --model small --quick
+    python benchmarks/bench_adapters.py --model smollm2 --methods loramoe mixlora --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxmoelora
+from jaxmoelora.adapters import losses
+from jaxmoelora.adapters.apply import LINEAR_PARENTS, merge_model, split_model, targeted_linears
+from jaxmoelora.adapters.config import AdapterConfig, preset
+from jaxmoelora.adapters.fast_random import keep_mask
+from jaxmoelora.adapters.lora_linear import AdaptedLinear
+from jaxmoelora.adapters.variables import AdapterState
+from jaxmoelora.models.config import ModelConfig
+from jaxmoelora.models.decoder import count_params, init_model
+
+SMALL = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
+                    num_kv_heads=8, head_dim=64, max_position_embeddings=1024)
+MOE_METHODS = ("loramoe", "moelora", "slim", "moral", "mixlora", "hydralora")
+
+
+class NaiveLoRAMoELinear(nnx.Module):
+    """LoRAMoE written as the official `peft/tuners/lora.py` `Linear.forward` writes it: a Python loop over experts,
+    each adding `route_weight[..., e] * B_e(A_e(dropout(x))) * scaling`, dropout re-sampled per expert. It reuses the
+    parameters of the `AdaptedLinear` it replaces, and records the same balancing constraint."""
+
+    def __init__(self, adapted: AdaptedLinear):
+        self.base, self.experts, self.router = adapted.base, adapted.experts, adapted.router
+        self.config, self.name = adapted.config, adapted.name
+
+    def __call__(self, x_btd: jax.Array, ctx=None) -> jax.Array:
+        config = self.config
+        result_btf = self.base(x_btd)
+        route_weight_bte = jax.nn.softmax(x_btd.astype(jnp.float32) @ self.router[...], axis=-1)
+        a_edr, b_erf = self.experts.lora_a[...], self.experts.lora_b[...]
+        train = ctx is not None and ctx.train
+        for e in range(a_edr.shape[0]):
+            x_e = x_btd
+            if train and config.dropout > 0:
+                key = jax.random.fold_in(ctx.key_for(self.name + "/dropout"), e)
+                keep = keep_mask(key, x_btd.shape, 1.0 - config.dropout)  # the same masks as AdaptedLinear
+                x_e = jnp.where(keep, x_btd / (1.0 - config.dropout), 0.0)
+            result_btf = result_btf + route_weight_bte[..., e:e + 1] * ((x_e @ a_edr[e]) @ b_erf[e]) * config.scaling
+        if train and config.lbc_weight and ctx.task_type_bt is not None:
+            ctx.aux[self.name] = {"lbc": losses.localized_balancing_loss(
+                route_weight_bte, ctx.task_type_bt, None, ctx.segment_ids_bt, config.lbc_delta)}
+        return result_btf
+
+
+def naive_loramoe(model: jaxmoelora.CausalLM) -> jaxmoelora.CausalLM:
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(model.layers.mlp, name, NaiveLoRAMoELinear(getattr(model.layers.mlp, name)))
+    return model
+
+
+def linear_dims(model_config: ModelConfig, name: str) -> tuple[int, int]:
+    c = model_config
+    return {"q_proj": (c.hidden_size, c.num_heads * c.head_dim), "k_proj": (c.hidden_size, c.num_kv_heads * c.head_dim),
+            "v_proj": (c.hidden_size, c.num_kv_heads * c.head_dim), "o_proj": (c.num_heads * c.head_dim, c.hidden_size),
+            "gate_proj": (c.hidden_size, c.intermediate_size), "up_proj": (c.hidden_size, c.intermediate_size),
+            "down_proj": (c.intermediate_size, c.hidden_size)}[name]
+
+
+def matched_lora(config: AdapterConfig, model_config: ModelConfig, trainable: int) -> AdapterConfig:
+    """Plain LoRA on the method's target modules, its rank chosen so the trainable count is nearest the method's."""
+    names = targeted_linears(config, model_config.num_layers)
+    per_rank = model_config.num_layers * sum(sum(linear_dims(model_config, n)) for n in names)
+    rank = max(1, round(trainable / per_rank))
+    return AdapterConfig(method="lora", target_modules=tuple(names), rank=rank, alpha=2.0 * rank,
+                         dropout=config.dropout)
+
+
+def make_step(model):
+    """A jitted training step over (trainable, adapter_state, base) and a function that runs it once, blocking."""
+    graphdef, trainable, adapter_state, base = split_model(model)
+
+    @jax.jit
+    def step(trainable, adapter_state, base, ids_bt, mask_bt, task_bt, key):
+        def loss_fn(trainable):
+            m = merge_model(graphdef, trainable, adapter_state, base)
+            out = m(ids_bt, attention_mask_bt=mask_bt, train=True, rng=key, task_type_bt=task_bt)
+            log_probs = jax.nn.log_softmax(out.logits_btv[:, :-1], axis=-1)
+            nll_bt = -jnp.take_along_axis(log_probs, ids_bt[:, 1:, None], axis=-1)[..., 0]
+            weight_bt = mask_bt[:, 1:].astype(jnp.float32)
+            loss = jnp.sum(nll_bt * weight_bt) / jnp.sum(weight_bt) + sum(out.aux_losses.values())
+            return loss, nnx.state(m, AdapterState)
+
+        (loss, new_adapter_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return loss, grads, new_adapter_state
+
+    def run(batch, key):
+        out = step(trainable, adapter_state, base, *batch, key)
+        jax.block_until_ready(out)
+        return out
+
+    return run, count_params(model, nnx.LoRAParam)
+
+
+def make_batch(vocab: int, batch: int, seq: int):
+    rng = np.random.default_rng(0)
+    ids_bt = jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32)
+    mask_bt = np.ones((batch, seq), bool)
+    mask_bt[::2, seq - seq // 8:] = False  # some right padding, as a real batch has
+    task_bt = jnp.asarray(np.where(mask_bt, (np.arange(batch) % 2)[:, None], -1), jnp.int32)
+    return ids_bt, jnp.asarray(mask_bt), task_bt
+
+
+def build(model_name: str, adapter: AdapterConfig, *, naive: bool = False):
+    if model_name == "small":
+        model = jaxmoelora.apply_adapters(init_model(SMALL), adapter)
+    else:
+        model = jaxmoelora.from_pretrained("smollm2-135m", adapter=adapter)
+    return naive_loramoe(model) if naive else model
+
+
+def time_alternately(runs: dict, batch, steps: int) -> dict:
+    """Compiles each step (first call), then times them in turn, `steps` rounds; seconds per step for each."""
+    compile_s, times = {}, {name: [] for name in runs}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        run(batch, jax.random.key(0))
+        compile_s[name] = time.perf_counter() - start
+        run(batch, jax.random.key(1))  # warm-up
+    for i in range(steps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(batch, jax.random.key(2 + i))
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "compile_s": compile_s[name]}
+            for name, t in times.items()}
+
+
+def bench_model(model_name: str, methods, batch_size: int, seq: int, steps: int) -> list[dict]:
+    model_config = SMALL if model_name == "small" else jaxmoelora.load_config("smollm2-135m")
+    batch = make_batch(model_config.vocab_size, batch_size, seq)
+    tokens = int(np.asarray(batch[1]).sum())
+    rows = []
+    for method in methods:
+        config = preset(method)
+        model = build(model_name, config)
+        run, count = make_step(model)
+        lora_config = matched_lora(config, model_config, count)
+        lora_run, lora_count = make_step(build(model_name, lora_config))
+        runs = {method: run, "lora": lora_run}
+        if method == "loramoe":
+            runs["naive"] = make_step(build(model_name, config, naive=True))[0]
+        timed = time_alternately(runs, batch, steps)
+        row = {"model": model_name, "method": method, "trainable": count, "lora_rank": lora_config.rank,
+               "lora_trainable": lora_count, "targets": list(targeted_linears(config, model_config.num_layers)),
+               "method_s": timed[method]["median_s"], "lora_s": timed["lora"]["median_s"],
+               "ratio": timed[method]["median_s"] / timed["lora"]["median_s"],
+               "ratio_of_min": timed[method]["min_s"] / timed["lora"]["min_s"],
+               "tokens_per_s": tokens / timed[method]["median_s"],
+               "compile_s": timed[method]["compile_s"]}
+        if "naive" in timed:
+            row["naive_s"] = timed["naive"]["median_s"]
+            row["naive_over_method"] = timed["naive"]["median_s"] / timed[method]["median_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model, run, lora_run, runs
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    target = {"loramoe": 1.15}
+    lines = ["| model | method | trainable | matched LoRA (rank, trainable) | method s/step | LoRA s/step | ratio "
+             "(median; of min) | target | naive loop / method |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        naive = f"{r['naive_over_method']:.2f}x ({r['naive_s']:.2f} s)" if "naive_s" in r else ""
+        lines.append(f"| {r['model']} | {r['method']} | {r['trainable'] / 1e6:.2f} M | r{r['lora_rank']}, "
+                     f"{r['lora_trainable'] / 1e6:.2f} M | {r['method_s']:.3f} | {r['lora_s']:.3f} | "
+                     f"{r['ratio']:.2f}; {r['ratio_of_min']:.2f} | {target.get(r['method'], 1.25)} | {naive} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("small", "smollm2", "all"), default="all")
+    parser.add_argument("--methods", nargs="+", default=list(MOE_METHODS), choices=MOE_METHODS)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="timed rounds after compile and one warm-up")
+    parser.add_argument("--quick", action="store_true", help="batch 4 x 128, 2 timed rounds")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq, args.steps = 4, 128, 2
+    models = ("small", "smollm2") if args.model == "all" else (args.model,)
+    print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
+          f"jax {jax.__version__} {jax.devices()[0].platform} batch {args.batch} x {args.seq}, "
+          f"{args.steps} timed steps", flush=True)
+    rows = []
+    for model_name in models:
+        rows += bench_model(model_name, args.methods, args.batch, args.seq, args.steps)
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
