@@ -44,6 +44,15 @@ MODEL_CLASSES = {"LlamaConfig": transformers.LlamaForCausalLM, "MistralConfig": 
                  "Qwen2Config": transformers.Qwen2ForCausalLM, "Qwen3Config": transformers.Qwen3ForCausalLM}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """On a shared 2-core machine torch's second OpenMP thread mostly waits for the busy core; one is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def pair(request, tmp_path_factory):
     """(transformers model, our model loaded from its saved directory, family name)."""
