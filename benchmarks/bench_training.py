@@ -1,0 +1,144 @@
+"""Training throughput of every method on SmolLM2-135M next to transformers + PEFT LoRA in PyTorch (issue 4).
+
+One step = the trainer's jitted step (forward, backward w.r.t. adapters and routers only, AdamW update) on a global
+batch of 8 x 256 tokens, as BASELINES.md measures PyTorch. Each system runs in its own subprocess so peak memory
+(ru_maxrss) is its own; figures are medians over steps after the first (the first, with compilation, is reported as
+time to first step). Also reported: optimizer-state bytes against trainable-parameter bytes (AdamW: 2x, nothing for
+the base).
+
+    python benchmarks/bench_training.py                       # every method + PEFT LoRA, 5 timed steps each
+    python benchmarks/bench_training.py --methods loramoe lora --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("lora", "loramoe", "moelora", "slim", "moral", "mixlora", "hydralora")
+BATCH, SEQ = 8, 256
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def run_jax(method: str, steps: int, demo: bool) -> dict:
+    import jax
+    import numpy as np
+
+    import jaxmoelora
+    from jaxmoelora.sharding.rules import make_mesh
+    from jaxmoelora.training.config import TrainOptions, load_experiment
+    from jaxmoelora.training.optimizer import make_optimizer, split_by_labels
+    from jaxmoelora.training.step import TrainState, make_train_step
+
+    if demo:
+        experiment = load_experiment("configs/demo.yaml")
+        adapter, options, batch, seq = experiment.adapter, experiment.train, experiment.data.batch_size, \
+            experiment.data.max_length
+    else:
+        adapter, options, batch, seq = jaxmoelora.preset(method), TrainOptions(steps=1000), BATCH, SEQ
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    model = jaxmoelora.from_pretrained("smollm2-135m", mesh=mesh, adapter=adapter)
+    graphdef, trainable, adapter_state, frozen = split_by_labels(model)
+    tx = make_optimizer(options, trainable)
+    opt_state = jax.jit(tx.init)(trainable)
+    state = TrainState(jax.numpy.zeros((), jax.numpy.int32), trainable, adapter_state, opt_state,
+                       jax.random.key_data(jax.random.key(0)))
+    step_fn = jax.jit(make_train_step(graphdef, tx, options), donate_argnums=(0,))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 49152, (batch, seq + 1)).astype(np.int32)
+    batch_arrays = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.int32),
+                    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)),
+                    "segment_ids": np.ones((batch, seq), np.int32),
+                    "task_type": (np.arange(batch)[:, None] % 2 * np.ones((1, seq))).astype(np.int32)}
+    times = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        state, metrics = step_fn(state, frozen, batch_arrays)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - started)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    median = statistics.median(times[1:])
+    return {"system": f"jaxmoelora {'demo' if demo else method}", "trainable": sum(x.size for x in
+            jax.tree.leaves(state.trainable)), "tokens_per_s": batch * seq / median, "step_s": median,
+            "first_step_s": times[0], "peak_rss_gb": peak_rss_gb(),
+            "optimizer_bytes_over_trainable": nbytes(state.opt_state) / nbytes(state.trainable),
+            "frozen_bytes": nbytes(frozen)}
+
+
+def run_peft(steps: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from jaxmoelora.loading.pretrained import resolve
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(resolve("smollm2-135m")), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=["gate_proj", "up_proj",
+                                                                                  "down_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    ids = torch.randint(0, 49152, (BATCH, SEQ + 1))
+    times = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - started)
+    median = statistics.median(times[1:])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"system": "PEFT LoRA r32 gate/up/down (torch)", "trainable": trainable, "tokens_per_s": BATCH * SEQ / median,
+            "step_s": median, "first_step_s": times[0], "peak_rss_gb": peak_rss_gb(),
+            "optimizer_bytes_over_trainable": 2.0, "frozen_bytes": None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--no-demo", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = run_peft(args.steps) if args.worker == "peft" else run_jax(args.worker, args.steps,
+                                                                             args.worker == "demo")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    workers = ([] if args.no_peft else ["peft"]) + list(args.methods) + ([] if args.no_demo else ["demo"])
+    results = []
+    for worker in workers:
+        out = subprocess.run([sys.executable, __file__, "--worker", worker, "--steps", str(args.steps)],
+                             capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            print(f"{worker} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(line[0][7:]))
+        print(f"done: {results[-1]['system']}", file=sys.stderr, flush=True)
+    peft = next((r for r in results if r["system"].startswith("PEFT")), None)
+    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
+    print(f"# {datetime.date.today()} {platform.node()} {cpu}, jax {__import__('jax').__version__}, "
+          f"batch {BATCH} x {SEQ} (demo: its own config), {args.steps} timed steps")
+    print("| system | trainable | tokens/s | vs PEFT LoRA | first step (s) | peak RSS (GB) | optimizer / trainable bytes |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        ratio = f"{r['tokens_per_s'] / peft['tokens_per_s']:.2f}x" if peft else "-"
+        print(f"| {r['system']} | {r['trainable'] / 1e6:.2f} M | {r['tokens_per_s']:.0f} | {ratio} | "
+              f"{r['first_step_s']:.1f} | {r['peak_rss_gb']:.1f} | {r['optimizer_bytes_over_trainable']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
