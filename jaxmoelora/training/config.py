@@ -157,6 +157,12 @@ class ExperimentConfig:
     eval: EvalOptions = dataclasses.field(default_factory=EvalOptions)
     distributed: DistributedOptions = dataclasses.field(default_factory=DistributedOptions)
 
+    def __post_init__(self):
+        if self.data.batch_size % self.train.grad_accum_steps:
+            raise ConfigError(f"data.batch_size={self.data.batch_size} must be a multiple of "
+                              f"train.grad_accum_steps={self.train.grad_accum_steps} (each step splits the batch "
+                              "into that many micro-batches)")
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 

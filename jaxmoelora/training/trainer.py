@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmoelora.errors import CheckpointError, JaxMoeLoraError
+from jaxmoelora.errors import CheckpointError, ConfigError, JaxMoeLoraError
 from jaxmoelora.training.config import DistributedOptions, ExperimentConfig
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -94,12 +94,19 @@ def train(config: ExperimentConfig, *, stop_after: int | None = None, quiet: boo
     is_main = jax.process_index() == 0
     say = (lambda text: print(text, flush=True)) if is_main and not quiet else (lambda text: None)
     output_dir = Path(config.output_dir).absolute()
-    mesh = make_mesh(config.mesh.axis_sizes())
+    try:
+        mesh = make_mesh(config.mesh.axis_sizes())
+    except ValueError as e:
+        raise ConfigError(f"mesh {config.mesh.axis_sizes()}: {e}; set the mesh.* sizes so that their product is "
+                          f"the device count ({jax.device_count()}), or one of them to -1") from None
     options = config.train
     say(f"jaxmoelora: {jax.process_count()} process(es), {jax.device_count()} device(s), mesh "
         f"{dict(mesh.shape)}\nresolved config:\n{config.to_yaml()}")
 
     tokenizer = load_tokenizer(config.model.path)
+    prepared = prepare_examples(config.data, tokenizer, "train")  # data errors show before the model loads
+    say(f"data: {prepared.stats.summary()}")
+    iterator = iter(make_dataset(config.data, tokenizer, prepared=prepared))
     model = from_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                             mesh=mesh, scan_layers=config.model.scan_layers, remat=config.model.remat,
                             adapter=config.adapter, adapter_seed=options.seed)
@@ -121,13 +128,6 @@ def train(config: ExperimentConfig, *, stop_after: int | None = None, quiet: boo
     state = jax.device_put(state, jax.tree.map(
         lambda x: x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else replicated,
         state))
-
-    if config.data.batch_size % options.grad_accum_steps:
-        raise JaxMoeLoraError(f"data.batch_size={config.data.batch_size} must be a multiple of "
-                              f"train.grad_accum_steps={options.grad_accum_steps}")
-    prepared = prepare_examples(config.data, tokenizer, "train")
-    say(f"data: {prepared.stats.summary()}")
-    iterator = iter(make_dataset(config.data, tokenizer, prepared=prepared))
 
     checkpointer = AdapterCheckpointer(output_dir / CHECKPOINT_SUBDIR, config.checkpoint)
     start_step = 0
