@@ -97,8 +97,7 @@ def merge_model(graphdef: nnx.GraphDef, trainable: nnx.State, adapter_state: nnx
 
 
 def _plain_lora_modules(model: CausalLM) -> list[AdaptedLinear]:
-    modules = [m for _, m in model.iter_modules() if isinstance(m, AdaptedLinear)] if hasattr(
-        model, "iter_modules") else [m for _, m in nnx.iter_graph(model) if isinstance(m, AdaptedLinear)]
+    modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, AdaptedLinear)]
     for m in modules:
         if m.router is not None:
             raise ConfigError(f"{m.name} has a router: a routed mixture cannot be merged into one weight; only "

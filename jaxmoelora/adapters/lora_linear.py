@@ -35,12 +35,17 @@ def lora_codes(x_btd: jax.Array, a_edr: jax.Array, *, key: jax.Array | None, dro
     With one shared A (HydraLoRA) and `num_experts` B heads, each head still sees its own dropout mask, as the official
     code calls `lora_dropout(x)` inside its loop over heads; without dropout the one code is returned (experts = 1)."""
     num_experts = num_experts or a_edr.shape[0]
+    a_edr = a_edr.astype(x_btd.dtype)
     if key is not None and dropout > 0:
-        x_ebtd = expert_dropout(key, x_btd, dropout, num_experts)
-        if a_edr.shape[0] != num_experts:
-            return jnp.einsum("ebtd,dr->bter", x_ebtd, a_edr[0].astype(x_btd.dtype))
-        return jnp.einsum("ebtd,edr->bter", x_ebtd, a_edr.astype(x_btd.dtype))
-    return jnp.einsum("btd,edr->bter", x_btd, a_edr.astype(x_btd.dtype))
+        # One 2-D matmul per expert on its own dropout copy of x, the copies never stacked: on XLA:CPU a batched
+        # einsum over broadcast copies is several times slower (its backward sums the copies along a leading axis,
+        # and batched matmuls with a rank-wide output are slow). The masks are those of `expert_dropout`.
+        keep_ebtd = keep_mask(key, (num_experts, *x_btd.shape), 1.0 - dropout)
+        x_scaled_btd = x_btd / (1.0 - dropout)
+        codes = [jnp.where(keep_ebtd[e], x_scaled_btd, 0).astype(x_btd.dtype) @ a_edr[e % a_edr.shape[0]]
+                 for e in range(num_experts)]
+        return jnp.stack(codes, axis=2)
+    return jnp.einsum("btd,edr->bter", x_btd, a_edr)
 
 
 class LoRAExperts(nnx.Module):
