@@ -40,6 +40,8 @@ from jaxmoelora.models.decoder import count_params, init_model
 SMALL = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
                     num_kv_heads=8, head_dim=64, max_position_embeddings=1024)
 MOE_METHODS = ("loramoe", "moelora", "slim", "moral", "mixlora", "hydralora")
+# Extra rows that isolate a cost: LoRAMoE without its per-expert dropout (the matched LoRA then has none either).
+VARIANTS = {"loramoe-nodropout": ("loramoe", {"dropout": 0.0})}
 
 
 class NaiveLoRAMoELinear(nnx.Module):
@@ -159,7 +161,8 @@ def bench_model(model_name: str, methods, batch_size: int, seq: int, steps: int)
     tokens = int(np.asarray(batch[1]).sum())
     rows = []
     for method in methods:
-        config = preset(method)
+        base_method, overrides = VARIANTS.get(method, (method, {}))
+        config = preset(base_method, **overrides)
         model = build(model_name, config)
         run, count = make_step(model)
         lora_config = matched_lora(config, model_config, count)
@@ -185,7 +188,7 @@ def bench_model(model_name: str, methods, batch_size: int, seq: int, steps: int)
 
 
 def markdown(rows: list[dict]) -> str:
-    target = {"loramoe": 1.15}
+    target = {"loramoe": 1.15, "loramoe-nodropout": 1.15}
     lines = ["| model | method | trainable | matched LoRA (rank, trainable) | method s/step | LoRA s/step | ratio "
              "(median; of min) | target | naive loop / method |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -199,7 +202,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("small", "smollm2", "all"), default="all")
-    parser.add_argument("--methods", nargs="+", default=list(MOE_METHODS), choices=MOE_METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(MOE_METHODS) + list(VARIANTS),
+                        choices=MOE_METHODS + tuple(VARIANTS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="timed rounds after compile and one warm-up")
