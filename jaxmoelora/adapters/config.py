@@ -83,6 +83,9 @@ class AdapterConfig:
         if self.lbc_weight and self.num_experts % 2:
             raise ConfigError(f"adapter.num_experts={self.num_experts} must be even for LoRAMoE's balancing "
                               "constraint (two halves: world knowledge and downstream experts)")
+        if self.ffn_moe and self.top_k < 1:
+            raise ConfigError("adapter.ffn_moe routes each token to its top-k FFN experts: set top_k to at least 1 "
+                              "(MixLoRA and SLIM use 2); a dense FFN-level mixture is not supported")
         if self.num_identity_experts and not self.ffn_moe:
             raise ConfigError("adapter.num_identity_experts needs ffn_moe=true (identity experts are whole FFNs)")
         if self.num_identity_experts >= self.num_experts:

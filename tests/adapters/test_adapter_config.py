@@ -64,7 +64,8 @@ def test_other_invalid_values_are_refused():
     for bad, match in [(dict(rank=0), "rank=0"), (dict(dropout=1.0), "dropout"), (dict(target_modules=()), "empty"),
                        (dict(num_identity_experts=1, num_experts=4), "ffn_moe"),
                        (dict(target_modules=("q_proj[",)), "not a valid regex"),
-                       (dict(shared_a=True, num_experts=4, top_k=2), "shared_a")]:
+                       (dict(shared_a=True, num_experts=4, top_k=2), "shared_a"),
+                       (dict(ffn_moe=True, num_experts=4, top_k=0), "top_k to at least 1")]:
         with pytest.raises(ConfigError, match=match):
             AdapterConfig(**bad)
 
