@@ -110,7 +110,9 @@ def test_expert_dropout_keeps_each_entry_with_probability_one_minus_rate_and_res
     assert set(np.unique(x_ebtd)) <= {0.0, np.float32(1 / 0.75)}
     assert abs((x_ebtd == 0).mean() - 0.25) < 0.01
     for e in range(1, 6):
-        assert (x_ebtd[0] != x_ebtd[e]).mean() > 0.2
+        assert abs((x_ebtd[0] != x_ebtd[e]).mean() - 2 * 0.25 * 0.75) < 0.01  # independent: differ in 2 p (1 - p)
+    next_step = np.asarray(expert_dropout(jax.random.key(1), x_btd, 0.25, 6))
+    assert abs((next_step != x_ebtd).mean() - 2 * 0.25 * 0.75) < 0.01
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
