@@ -86,6 +86,7 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
         sharding = variable_sharding(variable, mesh, rules)
         variable.set_value(_load_variable(checkpoint, tuple(str(p) for p in path_tuple), variable, sharding,
                                           DTYPES[config.param_dtype]))
+        checkpoint.release()  # this variable is on its devices now; unmap what was read for it
     model = nnx.merge(graphdef, state)
     if adapter is not None:
         from jaxmoelora.adapters.apply import apply_adapters
@@ -124,7 +125,7 @@ def _load_variable(checkpoint: SafetensorsCheckpoint, path: tuple[str, ...], var
             piece = checkpoint.read(names[layer], region)
             pieces.append(piece.T if transpose else piece)
         out = np.stack(pieces) if stacked else pieces[0]
-        return out.astype(jnp.dtype(dtype))
+        return out.astype(jnp.dtype(dtype), copy=False)
 
     return jax.make_array_from_callback(shape, sharding, read_region)
 

@@ -52,6 +52,11 @@ class SafetensorsCheckpoint:
             self._handles[file] = handle
         return handle
 
+    def release(self) -> None:
+        """Closes the open files. Their memory maps go with them, so the pages read so far stop counting toward the
+        process's resident memory (they would add up to the whole checkpoint by the end of a load)."""
+        self._handles.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
