@@ -16,5 +16,5 @@ def test_loss_falls_for_every_method(runs, method):
     losses = run.losses
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses), losses
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
-    assert last < 0.85 * first, f"{method}: mean loss {first:.3f} over the first 3 steps -> {last:.3f} over the last 3"
+    assert last < 0.92 * first, f"{method}: mean loss {first:.3f} over the first 3 steps -> {last:.3f} over the last 3"
     assert [h["step"] for h in run.result.history] == list(range(1, 13))
