@@ -92,12 +92,14 @@ FAST_JAX = {"jax_threefry_partitionable": False, "jax_disable_most_optimizations
             "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
 
 
-def subprocess_env(compilation_cache: Path, devices: int | None = None, **extra: str) -> dict[str, str]:
-    """The environment of a training subprocess: CPU only, `devices` host devices, and the same compile settings and
-    cache as the tests (so its programs compute what the tests' do, and compile once)."""
+def subprocess_env(compilation_cache: Path | None, devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a training subprocess: CPU only, `devices` host devices, and the same compile settings as
+    the tests (so its programs compute what the tests' do) and their compilation cache (None: no cache)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env |= {f"JAX_{name[4:].upper()}": str(int(v) if isinstance(v, bool) else v) for name, v in FAST_JAX.items()}
-    env |= {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compilation_cache), "PYTHONUNBUFFERED": "1"}
+    env |= {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    if compilation_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env | extra
@@ -109,8 +111,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# A training run in a subprocess: `python DRIVER '{"overrides": [...], "stop_after": k, "record_restore": path}'`.
-# With record_restore, the train state restored from a checkpoint is saved there (values and shardings) for the test.
+# Training runs in a subprocess: `python -c DRIVER JOB [JOB ...]`, each JOB a JSON object {"name", "overrides",
+# "stop_after", "quiet", "record_restore"}, run in order in one process. With record_restore, the train state restored
+# from a checkpoint is pickled there (values, partition specs, device counts) for the test to compare.
 DRIVER = """
 import json, pickle, sys
 import jax, numpy as np
@@ -118,29 +121,39 @@ from jaxmoelora.training import checkpointing
 from jaxmoelora.training.config import load_experiment
 from jaxmoelora.training.trainer import train
 
-job = json.loads(sys.argv[1])
-if job.get("record_restore"):
-    restore = checkpointing.AdapterCheckpointer.restore
-    def recording_restore(self, step, abstract_state, data_iterator):
+restore = checkpointing.AdapterCheckpointer.restore
+
+def recording_restore(path):
+    def restore_and_record(self, step, abstract_state, data_iterator):
         state, config = restore(self, step, abstract_state, data_iterator)
-        leaves = jax.tree_util.tree_leaves_with_path(state)
-        name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        name = lambda p: "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p)
         record = {name(p): (np.asarray(jax.device_get(x)), tuple(x.sharding.spec), len(x.sharding.device_set))
-                  for p, x in leaves}
-        with open(job["record_restore"], "wb") as f:
+                  for p, x in jax.tree_util.tree_leaves_with_path(state)}
+        with open(path, "wb") as f:
             pickle.dump({"step": step, "leaves": record}, f)
         return state, config
-    checkpointing.AdapterCheckpointer.restore = recording_restore
-result = train(load_experiment(None, job["overrides"]), stop_after=job.get("stop_after"), quiet=job.get("quiet", True))
-print("RESULT " + json.dumps({"step": result.step, "stop_reason": result.stop_reason,
-                              "losses": [h["loss"] for h in result.history]}), flush=True)
+    return restore_and_record
+
+for job in map(json.loads, sys.argv[1:]):
+    checkpointing.AdapterCheckpointer.restore = (recording_restore(job["record_restore"])
+                                                 if job.get("record_restore") else restore)
+    result = train(load_experiment(None, job["overrides"]), stop_after=job.get("stop_after"),
+                   quiet=job.get("quiet", True))
+    print("RESULT " + json.dumps({"name": job.get("name"), "step": result.step, "stop_reason": result.stop_reason,
+                                  "losses": [h["loss"] for h in result.history]}), flush=True)
 """
 
 
-def driver_result(stdout: str) -> dict:
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"the training subprocess printed no result:\n{stdout[-3000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+def run_driver(jobs: list[dict], env: dict[str, str], timeout: float = 600) -> dict[str, dict]:
+    """Runs the jobs in one subprocess; their results by name."""
+    done = subprocess.run([sys.executable, "-c", DRIVER, *map(json.dumps, jobs)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-5000:]
+    return {r["name"]: r for r in driver_results(done.stdout)}
+
+
+def driver_results(stdout: str) -> list[dict]:
+    return [json.loads(line[len("RESULT "):]) for line in stdout.splitlines() if line.startswith("RESULT ")]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -150,10 +163,12 @@ REFERENCE_STEPS = 12
 
 
 def run_overrides(model_dir: Path, data: Path, output_dir: Path, method: str, *extra: str) -> list[str]:
-    """The shared runs' settings: `tiny_overrides` for 12 steps (checkpoints at 3, 6, 9, 12; the newest 3 kept),
-    metrics to TensorBoard and plots as a user gets them."""
-    return [*tiny_overrides(model_dir, data, output_dir, method, steps=REFERENCE_STEPS), "log.tensorboard=true",
-            "log.plots=true", *extra]
+    """The shared runs' settings: `tiny_overrides` for 12 steps (checkpoints at 3, 6, 9, 12; the newest 3 kept)."""
+    return [*tiny_overrides(model_dir, data, output_dir, method, steps=REFERENCE_STEPS), *extra]
+
+
+# The reference runs also write TensorBoard events and plots, as a user's run does (it changes no computation).
+USER_LOGGING = ("log.tensorboard=true", "log.plots=true")
 
 
 def losses(history: list[dict]) -> list[float]:
@@ -195,7 +210,7 @@ class SharedRuns:
             from jaxmoelora.training.trainer import train
 
             name = f"{method}-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
-            config = load_experiment(None, self.overrides(method, self.root / name, *extra))
+            config = load_experiment(None, self.overrides(method, self.root / name, *USER_LOGGING, *extra))
             result = train(config, quiet=True)
             assert result.stop_reason == "completed" and result.step == REFERENCE_STEPS, result
             self._runs[key] = Run(config, result, self.root / name)
@@ -215,15 +230,11 @@ class SharedRuns:
                 if step_dir.name.isdigit() and int(step_dir.name) > 6:
                     shutil.rmtree(step_dir)
             record = self.root / "restored.pkl"
-            jobs = [("scratch", {"overrides": self.overrides("loramoe", self.root / "loramoe-8dev", *EIGHT_DEVICE_MESH)}),
-                    ("resumed", {"overrides": self.overrides("loramoe", resumed_dir, *EIGHT_DEVICE_MESH),
-                                 "record_restore": str(record)})]
-            self._eight = {}
-            for name, job in jobs:
-                done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(job)], capture_output=True, text=True,
-                                      env=subprocess_env(self.cache, devices=8), timeout=600)
-                assert done.returncode == 0, done.stderr[-5000:]
-                self._eight[name] = driver_result(done.stdout)
+            jobs = [{"name": "scratch", "overrides": self.overrides("loramoe", self.root / "loramoe-8dev",
+                                                                    *EIGHT_DEVICE_MESH)},
+                    {"name": "resumed", "overrides": self.overrides("loramoe", resumed_dir, *EIGHT_DEVICE_MESH),
+                     "record_restore": str(record)}]
+            self._eight = run_driver(jobs, subprocess_env(self.cache, devices=8))
             self._eight["scratch"]["output_dir"] = self.root / "loramoe-8dev"
             with open(record, "rb") as f:
                 self._eight["restored"] = pickle.load(f)
