@@ -27,6 +27,7 @@ class AdapterCheckpointer:
             max_to_keep=options.keep, enable_async_checkpointing=options.async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=manager_options,
                                              item_names=("state", "data", "config"))
+        self._writing: int | None = None  # the step whose asynchronous save may still be in flight
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -35,22 +36,28 @@ class AdapterCheckpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator, config: dict, *, force: bool = False) -> bool:
-        """Starts an (asynchronous) save; a failure is raised as CheckpointError and earlier checkpoints stay."""
+        """Starts an (asynchronous) save; a failure is raised as CheckpointError and earlier checkpoints stay.
+        The previous save is finished first, so its failure is reported under its own step."""
+        self.wait()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iterator),
                                   config=ocp.args.JsonSave(config))
         try:
-            return self.manager.save(step, args=args, force=force)
+            saved = self.manager.save(step, args=args, force=force)
         except Exception as e:
             raise CheckpointError(f"saving the checkpoint of step {step} into {self.directory} failed: {e}; "
                                   f"the earlier checkpoints {self.all_steps()} are intact") from e
+        self._writing = step if saved else None
+        return saved
 
     def wait(self) -> None:
+        step, self._writing = self._writing, None
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise CheckpointError(f"writing a checkpoint into {self.directory} failed: {e}; the earlier "
-                                  f"checkpoints are intact") from e
+            what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+            raise CheckpointError(f"writing {what} into {self.directory} failed: {e}; the earlier checkpoints "
+                                  f"{self.all_steps()} are intact") from e
 
     def restore(self, step: int, abstract_state: Any, data_iterator) -> tuple[Any, dict]:
         """The train state placed on the shardings of `abstract_state` (ShapeDtypeStructs with shardings); the data
