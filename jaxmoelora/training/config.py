@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jaxmoelora.adapters.config import AdapterConfig, preset
+from jaxmoelora.adapters.config import METHODS, AdapterConfig, preset
 from jaxmoelora.data.config import DataConfig
 from jaxmoelora.errors import ConfigError, JaxMoeLoraError
 from jaxmoelora.models.config import DTYPES
@@ -217,6 +217,8 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | tuple
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; sections are {sorted(SECTIONS)}")
         method = OmegaConf.select(merged_raw, "adapter.method", default=None)
+        if method is not None and method not in METHODS:
+            raise ConfigError(f"adapter.method={method!r} is unknown; choose one of {METHODS}")
         data_path = OmegaConf.select(merged_raw, "data.path", default=None)
         schema = OmegaConf.create(_section_schemas(method, data_path is not None))
         OmegaConf.set_struct(schema, True)
