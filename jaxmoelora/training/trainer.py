@@ -178,11 +178,13 @@ def train(config: ExperimentConfig, *, stop_after: int | None = None, quiet: boo
                 step += 1
                 if not math.isfinite(float(metrics["loss"])):
                     checkpointer.wait()
+                    good = checkpointer.latest_step()
+                    where = (f"The last good checkpoint is {checkpointer.directory / str(good)} (step {good}); "
+                             if good is not None else "No checkpoint was saved before it; ")
                     raise TrainingDivergedError(
-                        f"the loss became {float(metrics['loss'])} at step {step}; stopping. The last good checkpoint "
-                        f"is {checkpointer.directory / str(checkpointer.latest_step())} (step "
-                        f"{checkpointer.latest_step()}); lower train.learning_rate or set train.grad_clip, then "
-                        "run again to resume from it")
+                        f"the loss became {float(metrics['loss'])} at step {step}; stopping. {where}lower "
+                        "train.learning_rate or set train.grad_clip, then run again"
+                        + (" to resume from it" if good is not None else ""))
                 if step % config.log.every == 0 or step == end_step:
                     logger.log(step, metrics, seconds)
                 if step % config.checkpoint.save_every == 0 and step < end_step:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import jax
 import pytest
 import yaml
 
@@ -57,12 +58,19 @@ def test_bad_field_stops_the_cli_at_once_naming_it(tiny_chat_model, arithmetic_j
     monkeypatch.setattr(pretrained, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was loaded"))
     base = [f"model.path={tiny_chat_model}", f"data.path={arithmetic_jsonl}", f"output_dir={tmp_path / 'run'}",
             "adapter.method=loramoe"]
+    compiled = []
+    listener = lambda event, seconds, **kwargs: compiled.append(event) if "/compile/" in event else None  # noqa
+    jax.monitoring.register_event_duration_secs_listener(listener)
     started = time.perf_counter()
-    status = main(["train", *base, *overrides])
-    seconds = time.perf_counter() - started
+    try:
+        status = main(["train", *base, *overrides])
+    finally:
+        seconds = time.perf_counter() - started
+        jax.monitoring.unregister_event_duration_listener(listener)
     error = capsys.readouterr().err
     assert status == 2 and error.startswith("error: ") and field in error, error
     assert seconds < 3, f"{seconds:.1f} s to reject the config"
+    assert not compiled, f"jax traced or compiled before the error: {sorted(set(compiled))}"
     assert not (tmp_path / "run").exists()
 
 

@@ -83,9 +83,11 @@ def test_overlong_records_are_truncated_or_dropped_and_counted_in_the_output(run
 # Divergence
 
 
-def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_resumes(runs, tmp_path, monkeypatch):
-    """From step 5 on the step's loss and weights become NaN: the run stops at step 5 with TrainingDivergedError
-    naming the step-3 checkpoint, saves nothing of the diverged state, and a rerun resumes from step 3 exactly."""
+@pytest.mark.parametrize("first_bad_step", [5, 1])
+def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_resumes(runs, tmp_path, monkeypatch, first_bad_step):
+    """From `first_bad_step` on the step's loss and weights become NaN: the run stops there with TrainingDivergedError
+    naming the last good checkpoint (step 3) or saying there is none, saves nothing of the diverged state, and a
+    rerun resumes exactly."""
     import jaxmoelora.training.step as step_module
 
     reference = runs.reference("lora")
@@ -96,7 +98,7 @@ def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_resumes(runs, tmp_p
 
         def train_step(state, frozen, batch):
             new_state, metrics = real_step(state, frozen, batch)
-            poison = state.step >= 4
+            poison = state.step >= first_bad_step - 1
             trainable = jax_tree_where(poison, new_state.trainable)
             return new_state.replace(trainable=trainable), {**metrics, "loss": jnp.where(poison, jnp.nan,
                                                                                           metrics["loss"])}
@@ -107,10 +109,16 @@ def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_resumes(runs, tmp_p
     with pytest.raises(TrainingDivergedError) as error:
         train(config, quiet=True)
     message = str(error.value)
-    assert "the loss became nan at step 5" in message
-    assert f"{tmp_path / 'checkpoints' / '3'} (step 3)" in message and "learning_rate" in message
-    assert saved_steps(tmp_path) == [3]
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert f"the loss became nan at step {first_bad_step}" in message and "learning_rate" in message
+    good = [3] if first_bad_step > 3 else []
+    assert saved_steps(tmp_path) == good
+    if good:
+        assert f"{tmp_path / 'checkpoints' / '3'} (step 3)" in message
+    else:
+        assert "No checkpoint was saved" in message
+    metrics_file = tmp_path / "metrics.jsonl"
+    logged = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    assert logged == list(range(1, first_bad_step))
 
     monkeypatch.undo()
     resumed = train(config, quiet=True)

@@ -58,7 +58,7 @@ def test_metrics_jsonl_has_losses_rate_norm_throughput(runs, method, aux):
     for r in rows:
         assert {k for k in r if k.startswith("aux/")} == aux  # each weighted auxiliary loss, by name
         assert math.isclose(r["loss"], r["ce"] + sum(v for k, v in r.items() if k.startswith("aux/")), rel_tol=1e-6)
-        assert math.isclose(r["learning_rate"], float(schedule(r["step"] - 1)), rel_tol=1e-6)
+        assert math.isclose(r["learning_rate"], float(schedule(r["step"] - 1)), rel_tol=1e-5)
         assert r["grad_norm"] > 0 and r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["step_seconds"] > 0
     assert rows[0]["learning_rate"] == pytest.approx(0.01) and rows[-1]["learning_rate"] < rows[0]["learning_rate"]
 

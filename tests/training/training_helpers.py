@@ -113,9 +113,13 @@ def free_port() -> int:
 
 # Training runs in a subprocess: `python -c DRIVER JOB [JOB ...]`, each JOB a JSON object {"name", "overrides",
 # "stop_after", "quiet", "record_restore"}, run in order in one process. With record_restore, the train state restored
-# from a checkpoint is pickled there (values, partition specs, device counts) for the test to compare.
+# from a checkpoint is pickled there (values, partition specs, device counts) for the test to compare. With the
+# environment variable DRIVER_PYTHON_STDOUT, what Python code prints goes to that file instead of stdout (native
+# libraries such as gloo keep writing to stdout, interleaved at any point).
 DRIVER = """
-import json, pickle, sys
+import json, os, pickle, sys
+if os.environ.get("DRIVER_PYTHON_STDOUT"):
+    sys.stdout = open(os.environ["DRIVER_PYTHON_STDOUT"], "w", buffering=1)
 import jax, numpy as np
 from jaxmoelora.training import checkpointing
 from jaxmoelora.training.config import load_experiment
@@ -140,7 +144,7 @@ for job in map(json.loads, sys.argv[1:]):
     result = train(load_experiment(None, job["overrides"]), stop_after=job.get("stop_after"),
                    quiet=job.get("quiet", True))
     print("RESULT " + json.dumps({"name": job.get("name"), "step": result.step, "stop_reason": result.stop_reason,
-                                  "losses": [h["loss"] for h in result.history]}), flush=True)
+                                  "losses": [h["loss"] for h in result.history]}), file=sys.__stdout__, flush=True)
 """
 
 
