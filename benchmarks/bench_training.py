@@ -23,6 +23,8 @@ import sys
 import time
 
 METHODS = ("lora", "loramoe", "moelora", "slim", "moral", "mixlora", "hydralora")
+# Our LoRA with exactly the PEFT baseline's adapter: rank 32, alpha 64 on gate/up/down, no dropout.
+PEFT_MATCHED = "lora-peft-matched"
 BATCH, SEQ = 8, 256
 
 
@@ -44,6 +46,10 @@ def run_jax(method: str, steps: int, demo: bool) -> dict:
         experiment = load_experiment("configs/demo.yaml")
         adapter, options, batch, seq = experiment.adapter, experiment.train, experiment.data.batch_size, \
             experiment.data.max_length
+    elif method == PEFT_MATCHED:
+        adapter = jaxmoelora.AdapterConfig(method="lora", target_modules=("gate_proj", "up_proj", "down_proj"),
+                                           rank=32, alpha=64.0)
+        options, batch, seq = TrainOptions(steps=1000), BATCH, SEQ
     else:
         adapter, options, batch, seq = jaxmoelora.preset(method), TrainOptions(steps=1000), BATCH, SEQ
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -68,7 +74,7 @@ def run_jax(method: str, steps: int, demo: bool) -> dict:
         times.append(time.perf_counter() - started)
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     median = statistics.median(times[1:])
-    return {"system": f"jaxmoelora {'demo' if demo else method}", "trainable": sum(x.size for x in
+    return {"system": f"jaxmoelora {'demo (' + str(batch) + ' x ' + str(seq) + ')' if demo else method}", "trainable": sum(x.size for x in
             jax.tree.leaves(state.trainable)), "tokens_per_s": batch * seq / median, "step_s": median,
             "first_step_s": times[0], "peak_rss_gb": peak_rss_gb(),
             "optimizer_bytes_over_trainable": nbytes(state.opt_state) / nbytes(state.trainable),
@@ -117,7 +123,7 @@ def main() -> None:
                                                                              args.worker == "demo")
         print("RESULT " + json.dumps(result), flush=True)
         return
-    workers = ([] if args.no_peft else ["peft"]) + list(args.methods) + ([] if args.no_demo else ["demo"])
+    workers = ([] if args.no_peft else ["peft", PEFT_MATCHED]) + list(args.methods) + ([] if args.no_demo else ["demo"])
     results = []
     for worker in workers:
         out = subprocess.run([sys.executable, __file__, "--worker", worker, "--steps", str(args.steps)],

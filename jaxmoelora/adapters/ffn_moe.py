@@ -18,12 +18,18 @@ from flax import nnx
 from jaxmoelora.adapters.config import AdapterConfig
 from jaxmoelora.adapters.fast_random import keep_mask
 from jaxmoelora.adapters.initializers import make_initializer
-from jaxmoelora.adapters.lora_linear import LoRAExperts, lora_codes
+from jaxmoelora.adapters.lora_linear import LoRAExperts, expert_outputs, lora_codes
 from jaxmoelora.adapters.routing import router_probs, routing_summary, topk_weights
 from jaxmoelora.adapters.variables import AdapterState, RouterParam
 from jaxmoelora.adapters.yielding import out_of_domain_score, slide_clusters
 from jaxmoelora.models.decoder import MLP
 from jaxmoelora.models.layers import stacked_param
+
+
+def per_slot_outputs(codes_btker: jax.Array, b_erf: jax.Array) -> jax.Array:
+    """sum_e codes_e B_e for each top-k slot: (batch, time, k, d_out)."""
+    b, t, k, e, r = codes_btker.shape
+    return expert_outputs(codes_btker.reshape(b, t * k, e, r), b_erf).reshape(b, t, k, -1)
 
 
 class MoEFeedForward(nnx.Module):
@@ -87,10 +93,8 @@ class MoEFeedForward(nnx.Module):
         # Each slot keeps only its own expert's rank-r code, then one matmul over (expert, rank) applies B.
         codes_g_btker = lora_codes(x_btd, a_g, key=key("dropout_gate", dropout), dropout=config.dropout)[:, :, None]
         codes_u_btker = lora_codes(x_btd, a_u, key=key("dropout_up", dropout), dropout=config.dropout)[:, :, None]
-        gate_btkf = gate_btf[:, :, None] + s * jnp.einsum("btker,erf->btkf", codes_g_btker * onehot_btke1,
-                                                          b_g.astype(x_btd.dtype))
-        up_btkf = up_btf[:, :, None] + s * jnp.einsum("btker,erf->btkf", codes_u_btker * onehot_btke1,
-                                                      b_u.astype(x_btd.dtype))
+        gate_btkf = gate_btf[:, :, None] + s * per_slot_outputs(codes_g_btker * onehot_btke1, b_g.astype(x_btd.dtype))
+        up_btkf = up_btf[:, :, None] + s * per_slot_outputs(codes_u_btker * onehot_btke1, b_u.astype(x_btd.dtype))
         hidden_btkf = base.act(gate_btkf) * up_btkf
         w_btk = weights_btk.astype(x_btd.dtype)
         if config.renormalize_topk:
@@ -107,7 +111,7 @@ class MoEFeedForward(nnx.Module):
             down_in_btkf = jnp.where(keep, hidden_btkf / (1.0 - config.dropout), 0).astype(hidden_btkf.dtype)
         codes_d_btker = jnp.einsum("btkf,efr->btker", down_in_btkf, a_d.astype(x_btd.dtype))
         mixed_codes_bter = jnp.einsum("btk,btker->bter", w_btk, codes_d_btker * onehot_btke1)
-        out_btd = out_btd + s * jnp.einsum("bter,erd->btd", mixed_codes_bter, b_d.astype(x_btd.dtype))
+        out_btd = out_btd + s * expert_outputs(mixed_codes_bter, b_d.astype(x_btd.dtype))
         if ctx is not None:
             aux = routing_summary(probs_bte, index_btk, ctx.token_mask_bt)
             if n_id:

@@ -48,6 +48,28 @@ def lora_codes(x_btd: jax.Array, a_edr: jax.Array, *, key: jax.Array | None, dro
     return jnp.einsum("btd,edr->bter", x_btd, a_edr)
 
 
+@jax.custom_vjp
+def expert_outputs(codes_bter: jax.Array, b_erf: jax.Array) -> jax.Array:
+    """sum_e codes_e B_e: (batch, time, d_out)."""
+    return jnp.einsum("bter,erf->btf", codes_bter, b_erf)
+
+
+def _expert_outputs_fwd(codes_bter, b_erf):
+    return expert_outputs(codes_bter, b_erf), (codes_bter, b_erf)
+
+
+def _expert_outputs_bwd(residuals, g_btf):
+    codes_bter, b_erf = residuals
+    # B's gradient with the rank-sized codes as the left operand. The transpose rule of dot_general puts the
+    # (tokens, d_out) cotangent on the left instead, and XLA:CPU then writes that cotangent out transposed, fused with
+    # whatever produced it: a strided copy that cost more than all the adapter matmuls together.
+    g_b_erf = jnp.einsum("bter,btf->erf", codes_bter, g_btf)
+    return jnp.einsum("btf,erf->bter", g_btf, b_erf), g_b_erf.astype(b_erf.dtype)
+
+
+expert_outputs.defvjp(_expert_outputs_fwd, _expert_outputs_bwd)
+
+
 class LoRAExperts(nnx.Module):
     """The stacked factors A (experts, d_in, r) and B (experts, r, d_out); HydraLoRA shares one A."""
 
@@ -125,7 +147,7 @@ class AdaptedLinear(nnx.Module):
             codes_bter = codes_bter * weights_bte.astype(codes_bter.dtype)[..., None]
         elif ctx is not None and config.l1_weight:
             ctx.aux[self.name] = {"l1": self.experts.l1()}
-        delta_btf = jnp.einsum("bter,erf->btf", codes_bter, b_erf.astype(codes_bter.dtype))
+        delta_btf = expert_outputs(codes_bter, b_erf.astype(codes_bter.dtype))
         return y_btf + (config.scaling * delta_btf).astype(y_btf.dtype)
 
     def _record_aux(self, ctx, probs_bte, index_btk, codes_bter, b_erf) -> None:
