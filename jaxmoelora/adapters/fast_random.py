@@ -24,7 +24,15 @@ def _mix(x: jax.Array) -> jax.Array:
 
 def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.Array:
     """Boolean mask, each entry True with probability `keep_prob`, a deterministic function of `key`."""
-    seed = jax.random.bits(key, (2,), jnp.uint32)
+    return keep_mask_from_seed(mask_seed(key), shape, keep_prob)
+
+
+def mask_seed(key: jax.Array) -> jax.Array:
+    """The two uint32 words a key's masks are hashed from (an integer array, so it can pass through custom VJPs)."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def keep_mask_from_seed(seed: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.Array:
     index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     bits = _mix(_mix(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
     threshold = min(int(keep_prob * 2 ** 32), 2 ** 32 - 1)

@@ -9,12 +9,14 @@ therefore cost the same, and the frozen projection W0 x is computed once for all
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoelora.adapters.config import AdapterConfig
-from jaxmoelora.adapters.fast_random import keep_mask
+from jaxmoelora.adapters.fast_random import keep_mask, keep_mask_from_seed, mask_seed
 from jaxmoelora.adapters.initializers import make_initializer
 from jaxmoelora.adapters.merging import merge_masks
 from jaxmoelora.adapters.routing import router_probs, routing_summary, topk_weights
@@ -37,15 +39,47 @@ def lora_codes(x_btd: jax.Array, a_edr: jax.Array, *, key: jax.Array | None, dro
     num_experts = num_experts or a_edr.shape[0]
     a_edr = a_edr.astype(x_btd.dtype)
     if key is not None and dropout > 0:
-        # One 2-D matmul per expert on its own dropout copy of x, the copies never stacked: on XLA:CPU a batched
-        # einsum over broadcast copies is several times slower (its backward sums the copies along a leading axis,
-        # and batched matmuls with a rank-wide output are slow). The masks are those of `expert_dropout`.
-        keep_ebtd = keep_mask(key, (num_experts, *x_btd.shape), 1.0 - dropout)
-        x_scaled_btd = x_btd / (1.0 - dropout)
-        codes = [jnp.where(keep_ebtd[e], x_scaled_btd, 0).astype(x_btd.dtype) @ a_edr[e % a_edr.shape[0]]
-                 for e in range(num_experts)]
-        return jnp.stack(codes, axis=2)
+        return dropped_out_codes(x_btd, a_edr, mask_seed(key), dropout, num_experts)
     return jnp.einsum("btd,edr->bter", x_btd, a_edr)
+
+
+def _dropped_out_inputs(x_btd, keep_ebtd, rate):
+    """Expert e's inverted-dropout copy of x under its keep mask."""
+    x_scaled_btd = x_btd / (1.0 - rate)
+    return [jnp.where(keep_ebtd[e], x_scaled_btd, 0).astype(x_btd.dtype) for e in range(keep_ebtd.shape[0])]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def dropped_out_codes(x_btd: jax.Array, a_edr: jax.Array, seed: jax.Array, rate: float, num_experts: int):
+    """dropout_e(x) A_e for every expert: (batch, time, experts, rank), the masks of `expert_dropout`.
+
+    One 2-D matmul per expert on its own copy of x, the copies never stacked (a batched einsum over broadcast copies is
+    several times slower on XLA:CPU). The backward keeps the boolean masks (a quarter of the bytes of the E masked
+    copies of x that autodiff would keep) and orders each A gradient with the rank-sized cotangent on the left."""
+    return _dropped_out_codes_fwd(x_btd, a_edr, seed, rate, num_experts)[0]
+
+
+def _dropped_out_codes_fwd(x_btd, a_edr, seed, rate, num_experts):
+    keep_ebtd = keep_mask_from_seed(seed, (num_experts, *x_btd.shape), 1.0 - rate)
+    inputs = _dropped_out_inputs(x_btd, keep_ebtd, rate)
+    codes_bter = jnp.stack([inputs[e] @ a_edr[e % a_edr.shape[0]] for e in range(num_experts)], axis=2)
+    return codes_bter, (x_btd, a_edr, keep_ebtd)
+
+
+def _dropped_out_codes_bwd(rate, num_experts, residuals, g_bter):
+    x_btd, a_edr, keep_ebtd = residuals
+    inputs = _dropped_out_inputs(x_btd, keep_ebtd, rate)
+    g_a_erd = [jnp.zeros(a_edr.shape[1:][::-1], a_edr.dtype) for _ in range(a_edr.shape[0])]
+    g_x_btd = jnp.zeros_like(x_btd)
+    for e in range(num_experts):
+        shared = e % a_edr.shape[0]
+        g_a_erd[shared] = g_a_erd[shared] + jnp.einsum("btr,btd->rd", g_bter[:, :, e], inputs[e])
+        g_x_btd = g_x_btd + jnp.where(keep_ebtd[e], g_bter[:, :, e] @ a_edr[shared].T, 0)
+    g_a_edr = jnp.stack(g_a_erd).transpose(0, 2, 1)
+    return (g_x_btd / (1.0 - rate)).astype(x_btd.dtype), g_a_edr.astype(a_edr.dtype), None
+
+
+dropped_out_codes.defvjp(_dropped_out_codes_fwd, _dropped_out_codes_bwd)
 
 
 @jax.custom_vjp

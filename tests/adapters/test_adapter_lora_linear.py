@@ -159,30 +159,40 @@ def test_initialisation_follows_the_official_code():
     assert not np.array_equal(module.experts.lora_a[...][0], module.experts.lora_a[...][1]), "experts differ"
 
 
-def loop_forward_jnp(x_btd, w0_df, a_edr, b_erf, router_de, scaling):
-    """The dense mixture as a plain loop over experts in jnp, differentiated by JAX's own rules."""
+def loop_forward_jnp(x_btd, w0_df, a_edr, b_erf, router_de, scaling, keep_ebtd=None, rate=0.0):
+    """The dense mixture as a plain loop over experts in jnp, differentiated by JAX's own rules; expert e sees
+    x * keep_e / (1 - rate) when keep masks are given."""
     y_btf = x_btd @ w0_df
     weights_bte = jax.nn.softmax(x_btd @ router_de, axis=-1)
     for e in range(b_erf.shape[0]):
-        y_btf = y_btf + weights_bte[..., e:e + 1] * scaling * ((x_btd @ a_edr[e]) @ b_erf[e])
+        x_e = x_btd if keep_ebtd is None else jnp.where(keep_ebtd[e], x_btd / (1.0 - rate), 0.0)
+        y_btf = y_btf + weights_bte[..., e:e + 1] * scaling * ((x_e @ a_edr[e % a_edr.shape[0]]) @ b_erf[e])
     return y_btf
 
 
-def test_gradients_equal_those_of_the_per_expert_loop():
-    """The experts' hand-written backward (B's gradient ordered for XLA:CPU) gives JAX's gradients of the plain loop
-    for every input: A, B, router and x."""
-    config, num_experts, top_k, shared_a = CASES["loramoe_dense"]
+@pytest.mark.parametrize("case", ["loramoe_dense", "hydralora_shared_a"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradients_equal_those_of_the_per_expert_loop(case, dropout):
+    """The experts' hand-written backward (masks recomputed from the seed, gradients ordered for XLA:CPU) gives JAX's
+    gradients of the plain loop for every input: A, B, router and x; with per-expert dropout too."""
+    config, num_experts, top_k, shared_a = CASES[case]
+    config = config.replace(dropout=dropout)
     module = make_linear(config, num_experts=num_experts, top_k=top_k, shared_a=shared_a, router_scale=4.0)
     x_btd = normal(4, (*SHAPE, D_IN))
     cotangent_btf = normal(5, (*SHAPE, D_OUT))
     w0_df = module.base.kernel[...]
     graphdef, state = nnx.split(module)
+    ctx = context(train=True, shape=SHAPE, seed=7)
+    keep_ebtd = None
+    if dropout:
+        keep_ebtd = expert_dropout(ctx.key_for("mlp.up_proj/dropout"), jnp.ones_like(x_btd), dropout, num_experts) > 0
 
     def ours(state, x_btd):
-        return jnp.sum(nnx.merge(graphdef, state)(x_btd, context(train=False, shape=SHAPE)) * cotangent_btf)
+        return jnp.sum(nnx.merge(graphdef, state)(x_btd, ctx) * cotangent_btf)
 
     def reference(a_edr, b_erf, router_de, x_btd):
-        return jnp.sum(loop_forward_jnp(x_btd, w0_df, a_edr, b_erf, router_de, config.scaling) * cotangent_btf)
+        return jnp.sum(loop_forward_jnp(x_btd, w0_df, a_edr, b_erf, router_de, config.scaling, keep_ebtd, dropout)
+                       * cotangent_btf)
 
     expected = jax.grad(reference, argnums=(0, 1, 2, 3))(module.experts.lora_a[...], module.experts.lora_b[...],
                                                          module.router[...], x_btd)
