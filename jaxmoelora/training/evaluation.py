@@ -10,6 +10,7 @@ from jaxmoelora.data.tokenize import uses_chat_template, with_context
 from jaxmoelora.generation import GenerationConfig, generate
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+ANSWER_FORMAT = re.compile(r"####\s*-?\d")
 
 
 def extract_answer(text: str) -> str:
@@ -39,6 +40,8 @@ class ExactMatch:
     correct: int
     total: int
     samples: list[dict]  # prompt, generation, extracted, gold
+    formatted: int = 0  # generations that give their answer as `#### N`, when the gold answers do
+    expects_format: bool = False  # whether the gold answers are written as `#### N`
 
 
 def exact_match(model, tokenizer, records: list[dict], data: DataConfig, *, max_new_tokens: int,
@@ -57,12 +60,15 @@ def exact_match(model, tokenizer, records: list[dict], data: DataConfig, *, max_
     generations = []
     for start in range(0, len(prompts), batch_size):
         generations += generate(model, tokenizer, prompts[start:start + batch_size], config, chat_template=chat)
-    correct, samples = 0, []
+    correct, formatted, expects_format, samples = 0, 0, False, []
     for record, text in zip(records, generations):
         golds = record.get("answers") or ([record["answer"]] if record.get("answer") else [record["response"]])
+        if any(ANSWER_FORMAT.search(g) for g in golds):
+            expects_format = True
+            formatted += bool(ANSWER_FORMAT.search(text))
         extracted = extract_answer(text)
         ok = normalize(extracted) in {normalize(extract_answer(g)) for g in golds}
         correct += ok
         samples.append({"prompt": record["prompt"], "generation": text, "extracted": extracted,
                         "gold": golds[0], "correct": bool(ok)})
-    return ExactMatch(correct / max(len(records), 1), correct, len(records), samples)
+    return ExactMatch(correct / max(len(records), 1), correct, len(records), samples, formatted, expects_format)

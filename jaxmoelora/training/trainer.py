@@ -211,6 +211,9 @@ def train(config: ExperimentConfig, *, stop_after: int | None = None, quiet: boo
         if eval_before is not None:
             say(f"held-out exact match: {eval_before.accuracy:.1%} before -> {eval_after.accuracy:.1%} after "
                 f"({eval_after.total} problems)")
+            if eval_after.expects_format:
+                say(f"answers given in the training format (#### N): {eval_before.formatted}/{eval_before.total} "
+                    f"before -> {eval_after.formatted}/{eval_after.total} after")
         for sample in eval_after.samples[:config.eval.show]:
             say(f"--- {'correct' if sample['correct'] else 'wrong'} (gold {sample['gold']})\n"
                 f"Q: {sample['prompt']}\nA: {sample['generation']}")
