@@ -41,7 +41,7 @@ class ExactMatch:
     total: int
     samples: list[dict]  # prompt, generation, extracted, gold
     formatted: int = 0  # generations that give their answer as `#### N`, when the gold answers do
-    expects_format: bool = False  # whether the gold answers are written as `#### N`
+    expects_format: bool = False  # whether the gold answers or responses are written as `#### N`
 
 
 def exact_match(model, tokenizer, records: list[dict], data: DataConfig, *, max_new_tokens: int,
@@ -63,7 +63,7 @@ def exact_match(model, tokenizer, records: list[dict], data: DataConfig, *, max_
     correct, formatted, expects_format, samples = 0, 0, False, []
     for record, text in zip(records, generations):
         golds = record.get("answers") or ([record["answer"]] if record.get("answer") else [record["response"]])
-        if any(ANSWER_FORMAT.search(g) for g in golds):
+        if any(ANSWER_FORMAT.search(g) for g in [*golds, record.get("response") or ""]):
             expects_format = True
             formatted += bool(ANSWER_FORMAT.search(text))
         extracted = extract_answer(text)

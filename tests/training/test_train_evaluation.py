@@ -29,7 +29,7 @@ def test_exact_match_scores_greedy_generations_and_counts_the_answer_format(tiny
     probe = exact_match(model, tokenizer, [{"prompt": "1+2=", "answer": "x"}], data, max_new_tokens=6, batch_size=2)
     generated = probe.samples[0]["generation"]
     records = [{"prompt": "1+2=", "answer": generated},  # the model's own answer: correct
-               {"prompt": "1+2=", "answer": "#### 123456789"}]  # a `#### N` gold it does not produce
+               {"prompt": "1+2=", "answer": "123456789", "response": "1 and 2 #### 123456789"}]  # `#### N` taught
     result = exact_match(model, tokenizer, records, data, max_new_tokens=6, batch_size=2)
     assert [s["correct"] for s in result.samples] == [True, False]
     assert (result.correct, result.total, result.accuracy) == (1, 2, 0.5)
