@@ -132,11 +132,17 @@ def test_a_vocabulary_size_that_contradicts_config_names_the_embedding(checkpoin
         from_pretrained(checkpoint)
 
 
-def test_a_missing_tensor_is_named_with_the_file_it_was_looked_for_in(checkpoint):
+def delete_tensor(checkpoint: Path, name: str) -> Path:
+    """Removes one tensor from the checkpoint's model.safetensors; returns that file."""
     file = checkpoint / "model.safetensors"
     tensors = load_file(str(file))
-    del tensors["model.layers.1.mlp.up_proj.weight"]
+    del tensors[name]
     save_file(tensors, str(file), metadata={"format": "pt"})
+    return file
+
+
+def test_a_missing_tensor_is_named_with_the_file_it_was_looked_for_in(checkpoint):
+    file = delete_tensor(checkpoint, "model.layers.1.mlp.up_proj.weight")
     with pytest.raises(CheckpointError, match=f"'model.layers.1.mlp.up_proj.weight' is not in {re.escape(str(file))}"):
         from_pretrained(checkpoint)
 
@@ -154,10 +160,7 @@ def test_more_layers_in_config_than_in_the_checkpoint(checkpoint):
 
 
 def test_an_untied_config_without_lm_head_says_to_tie(checkpoint):
-    file = checkpoint / "model.safetensors"
-    tensors = load_file(str(file))
-    del tensors["lm_head.weight"]
-    save_file(tensors, str(file), metadata={"format": "pt"})
+    delete_tensor(checkpoint, "lm_head.weight")
     with pytest.raises(CheckpointError, match="no lm_head.weight .* set tie_word_embeddings=true"):
         from_pretrained(checkpoint)
 

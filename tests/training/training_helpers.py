@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tiny_checkpoint import write_tiny_llama
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -31,7 +32,6 @@ def write_tiny_chat_model(directory: Path, *, layers: int = 2, hidden: int = 32,
                           seed: int = 0) -> Path:
     """config.json + model.safetensors (random, HF layout) + a byte-level BPE tokenizer with a ChatML template."""
     import transformers
-    from safetensors.numpy import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -47,24 +47,10 @@ def write_tiny_chat_model(directory: Path, *, layers: int = 2, hidden: int = 32,
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(directory)
 
-    c = transformers.LlamaConfig(vocab_size=288, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
-                                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                 head_dim=hidden // 4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                                 pad_token_id=0, tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
-    c.save_pretrained(directory)
-    d, f, v, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
-    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    for i in range(layers):
-        layer = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
-                 "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f),
-                 "input_layernorm": (d,), "post_attention_layernorm": (d,)}
-        shapes |= {f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()}
-    rng = np.random.default_rng(seed)
-    tensors = {name: ((1.0 if name.endswith("norm.weight") else 0.0)
-                      + 0.2 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return directory
+    return write_tiny_llama(directory, seed=seed, scale=0.2, vocab_size=288, hidden_size=hidden,
+                            intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                            max_position_embeddings=512, tie_word_embeddings=True)
 
 
 def write_arithmetic_jsonl(path: Path, n: int = 64, seed: int = 0) -> Path:
