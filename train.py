@@ -8,6 +8,8 @@ The same as `jaxmoelora train ...`; the work lives in jaxmoelora.training.
 import sys
 
 from jaxmoelora.cli import main
+from jaxmoelora.host_memory import restart_with_hugepage_malloc
 
 if __name__ == "__main__":
+    restart_with_hugepage_malloc()
     sys.exit(main(["train", *sys.argv[1:]]))

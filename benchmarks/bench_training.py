@@ -4,7 +4,8 @@ One step = the trainer's jitted step (forward, backward w.r.t. adapters and rout
 batch of 8 x 256 tokens, as BASELINES.md measures PyTorch. Each system runs in its own subprocess so peak memory
 (ru_maxrss) is its own; figures are medians over steps after the first (the first, with compilation, is reported as
 time to first step). Also reported: optimizer-state bytes against trainable-parameter bytes (AdamW: 2x, nothing for
-the base).
+the base). Our workers run with the huge-page malloc tunable, as the `jaxmoelora` command runs itself
+(jaxmoelora/host_memory.py); PEFT runs both as torch runs by default and with that tunable.
 
     python benchmarks/bench_training.py                       # every method + PEFT LoRA, 5 timed steps each
     python benchmarks/bench_training.py --methods loramoe lora --steps 3
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -22,10 +24,16 @@ import subprocess
 import sys
 import time
 
+from jaxmoelora.host_memory import glibc_version, hugepage_environment, transparent_hugepages_available
+
 METHODS = ("lora", "loramoe", "moelora", "slim", "moral", "mixlora", "hydralora")
 # Our LoRA with exactly the PEFT baseline's adapter: rank 32, alpha 64 on gate/up/down, no dropout.
 PEFT_MATCHED = "lora-peft-matched"
+UNROLLED = "lora-peft-matched-unrolled"  # the same with model.scan_layers=false
+# PEFT as it runs by default, and with the huge-page malloc tunable our command line sets for itself.
+PEFT_WORKERS = ("peft", "peft-hugepage")
 BATCH, SEQ = 8, 256
+PEFT_LABEL = "PEFT LoRA r32 gate/up/down (torch)"
 
 
 def peak_rss_gb() -> float:
@@ -46,14 +54,14 @@ def run_jax(method: str, steps: int, demo: bool) -> dict:
         experiment = load_experiment("configs/demo.yaml")
         adapter, options, batch, seq = experiment.adapter, experiment.train, experiment.data.batch_size, \
             experiment.data.max_length
-    elif method == PEFT_MATCHED:
+    elif method in (PEFT_MATCHED, UNROLLED):
         adapter = jaxmoelora.AdapterConfig(method="lora", target_modules=("gate_proj", "up_proj", "down_proj"),
                                            rank=32, alpha=64.0)
         options, batch, seq = TrainOptions(steps=1000), BATCH, SEQ
     else:
         adapter, options, batch, seq = jaxmoelora.preset(method), TrainOptions(steps=1000), BATCH, SEQ
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    model = jaxmoelora.from_pretrained("smollm2-135m", mesh=mesh, adapter=adapter)
+    model = jaxmoelora.from_pretrained("smollm2-135m", mesh=mesh, adapter=adapter, scan_layers=method != UNROLLED)
     graphdef, trainable, adapter_state, frozen = split_by_labels(model)
     tx = make_optimizer(options, trainable)
     opt_state = jax.jit(tx.init)(trainable)
@@ -74,14 +82,15 @@ def run_jax(method: str, steps: int, demo: bool) -> dict:
         times.append(time.perf_counter() - started)
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     median = statistics.median(times[1:])
-    return {"system": f"jaxmoelora {'demo (' + str(batch) + ' x ' + str(seq) + ')' if demo else method}", "trainable": sum(x.size for x in
-            jax.tree.leaves(state.trainable)), "tokens_per_s": batch * seq / median, "step_s": median,
-            "first_step_s": times[0], "peak_rss_gb": peak_rss_gb(),
+    system = f"jaxmoelora demo ({batch} x {seq})" if demo else f"jaxmoelora {method}"
+    return {"system": system, "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)),
+            "tokens_per_s": batch * seq / median, "step_s": median, "first_step_s": times[0],
+            "peak_rss_gb": peak_rss_gb(),
             "optimizer_bytes_over_trainable": nbytes(state.opt_state) / nbytes(state.trainable),
             "frozen_bytes": nbytes(frozen)}
 
 
-def run_peft(steps: int) -> dict:
+def run_peft(steps: int, label: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -105,7 +114,7 @@ def run_peft(steps: int) -> dict:
         times.append(time.perf_counter() - started)
     median = statistics.median(times[1:])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"system": "PEFT LoRA r32 gate/up/down (torch)", "trainable": trainable, "tokens_per_s": BATCH * SEQ / median,
+    return {"system": label, "trainable": trainable, "tokens_per_s": BATCH * SEQ / median,
             "step_s": median, "first_step_s": times[0], "peak_rss_gb": peak_rss_gb(),
             "optimizer_bytes_over_trainable": 2.0, "frozen_bytes": None}
 
@@ -116,25 +125,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--no-demo", action="store_true")
+    parser.add_argument("--no-unrolled", action="store_true", help="skip the scan_layers=false row")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = run_peft(args.steps) if args.worker == "peft" else run_jax(args.worker, args.steps,
-                                                                             args.worker == "demo")
+        if args.worker in PEFT_WORKERS:
+            result = run_peft(args.steps, PEFT_LABEL + (", hugepage malloc" if args.worker == "peft-hugepage" else ""))
+        else:
+            result = run_jax(args.worker, args.steps, args.worker == "demo")
         print("RESULT " + json.dumps(result), flush=True)
         return
-    workers = ([] if args.no_peft else ["peft", PEFT_MATCHED]) + list(args.methods) + ([] if args.no_demo else ["demo"])
+    workers = (([] if args.no_peft else [*PEFT_WORKERS, PEFT_MATCHED]) + ([] if args.no_unrolled else [UNROLLED])
+               + list(args.methods) + ([] if args.no_demo else ["demo"]))
     results = []
     for worker in workers:
+        # Our workers run as the `jaxmoelora` command runs itself (jaxmoelora/host_memory.py); "peft" as torch runs.
+        if worker == "peft":
+            env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        else:
+            env = hugepage_environment(os.environ, glibc=glibc_version(),
+                                       hugepages_available=transparent_hugepages_available()) or dict(os.environ)
         out = subprocess.run([sys.executable, __file__, "--worker", worker, "--steps", str(args.steps)],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=env)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             print(f"{worker} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
             continue
         results.append(json.loads(line[0][7:]))
         print(f"done: {results[-1]['system']}", file=sys.stderr, flush=True)
-    peft = next((r for r in results if r["system"].startswith("PEFT")), None)
+    peft = next((r for r in results if r["system"] == PEFT_LABEL), None)
     cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
     print(f"# {datetime.date.today()} {platform.node()} {cpu}, jax {__import__('jax').__version__}, "
           f"batch {BATCH} x {SEQ} (demo: its own config), {args.steps} timed steps")

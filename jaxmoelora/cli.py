@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxmoelora.errors import CheckpointError, JaxMoeLoraError
+from jaxmoelora.host_memory import restart_with_hugepage_malloc
 
 SUBCOMMANDS: list[str] = [
     "jaxmoelora.cli:add_generate_parser",
@@ -46,6 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_STATUS
     return 0 if status is None else int(status)
+
+
+def run_command() -> None:
+    """The `jaxmoelora` console command (and train.py): `main` on sys.argv, with huge-page malloc on Linux."""
+    restart_with_hugepage_malloc()
+    sys.exit(main())
 
 
 def check_model_argument(model: str) -> None:
