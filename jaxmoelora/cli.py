@@ -24,6 +24,7 @@ SUBCOMMANDS: list[str] = [
     "jaxmoelora.cli:add_generate_parser",
     "jaxmoelora.cli:add_convert_parser",
     "jaxmoelora.training.cli:add_train_parser",
+    "jaxmoelora.export.cli:add_export_peft_parser",
 ]
 USER_ERROR_STATUS = 2
 

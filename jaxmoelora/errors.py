@@ -23,3 +23,7 @@ class ConfigError(JaxMoeLoraError):
 
 class DataError(JaxMoeLoraError):
     """A dataset file, record or built-in dataset is missing, malformed or unusable."""
+
+
+class UnsupportedExportError(JaxMoeLoraError):
+    """The model's adapter cannot be written in the requested export format."""

@@ -71,6 +71,15 @@ class AdapterCheckpointer:
             raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from e
         return restored["state"], restored["config"]
 
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """The train state alone (the data iterator's position is left unread), on `abstract_state`'s shardings."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
+        except Exception as e:
+            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from e
+        return restored["state"]
+
     def read_config(self, step: int) -> dict:
         path = self.directory / str(step) / "config" / "metadata"
         if path.is_file():
