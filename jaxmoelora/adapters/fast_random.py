@@ -37,3 +37,25 @@ def keep_mask_from_seed(seed: jax.Array, shape: tuple[int, ...], keep_prob: floa
     bits = _mix(_mix(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
     threshold = min(int(keep_prob * 2 ** 32), 2 ** 32 - 1)
     return bits < jnp.uint32(threshold)
+
+
+def expert_keep_masks(seed: jax.Array, num_experts: int, keep_prob: float, shape_btd: tuple[int, int, int],
+                      time_start: jax.Array | int = 0, time_size: int | None = None) -> list[jax.Array]:
+    """Every expert's dropout keep-mask over time steps [time_start, time_start + time_size) of an input of shape
+    `shape_btd`: (batch, time_size, d) booleans, the same entries whichever window is asked for, so a loop over time
+    windows sees the masks of the whole input.
+
+    Two experts share one 32-bit hash (16 bits each), so `keep_prob` is rounded to a multiple of 2**-16."""
+    b, t, d = shape_btd
+    time_size = t if time_size is None else time_size
+    shape = (b, time_size, d)
+    row = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * jnp.uint32(t)
+           + jax.lax.broadcasted_iota(jnp.uint32, shape, 1) + jnp.asarray(time_start, jnp.uint32))
+    cell = row * jnp.uint32(d) + jax.lax.broadcasted_iota(jnp.uint32, shape, 2)
+    threshold = jnp.uint32(min(round(keep_prob * 2 ** 16), 2 ** 16))
+    masks = []
+    for pair in range((num_experts + 1) // 2):
+        index = cell + jnp.uint32(pair * b * t * d % 2 ** 32)
+        bits = _mix(_mix(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
+        masks += [(bits & jnp.uint32(0xFFFF)) < threshold, (bits >> 16) < threshold]
+    return masks[:num_experts]

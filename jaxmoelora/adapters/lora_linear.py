@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoelora.adapters.config import AdapterConfig
-from jaxmoelora.adapters.fast_random import keep_mask, keep_mask_from_seed, mask_seed
+from jaxmoelora.adapters.fast_random import expert_keep_masks, mask_seed
 from jaxmoelora.adapters.initializers import make_initializer
 from jaxmoelora.adapters.merging import merge_masks
 from jaxmoelora.adapters.routing import router_probs, routing_summary, topk_weights
@@ -24,10 +24,14 @@ from jaxmoelora.adapters.variables import ExpertParam, RouterParam
 from jaxmoelora.models.layers import Linear, stacked_param
 
 
+# Tokens per step of the dropout loop (batch x time window): the experts' masked copies of a window stay in cache.
+DROPOUT_WINDOW_TOKENS = 128
+
+
 def expert_dropout(key: jax.Array, x_btd: jax.Array, rate: float, num_experts: int) -> jax.Array:
     """Independent inverted-dropout copies of x, one per expert: (experts, batch, time, d)."""
-    keep = keep_mask(key, (num_experts, *x_btd.shape), 1.0 - rate)
-    return jnp.where(keep, x_btd[None] / (1.0 - rate), 0).astype(x_btd.dtype)
+    keeps = expert_keep_masks(mask_seed(key), num_experts, 1.0 - rate, x_btd.shape)
+    return jnp.stack([jnp.where(keep, x_btd / (1.0 - rate), 0).astype(x_btd.dtype) for keep in keeps])
 
 
 def lora_codes(x_btd: jax.Array, a_edr: jax.Array, *, key: jax.Array | None, dropout: float,
@@ -43,40 +47,76 @@ def lora_codes(x_btd: jax.Array, a_edr: jax.Array, *, key: jax.Array | None, dro
     return jnp.einsum("btd,edr->bter", x_btd, a_edr)
 
 
-def _dropped_out_inputs(x_btd, keep_ebtd, rate):
-    """Expert e's inverted-dropout copy of x under its keep mask."""
-    x_scaled_btd = x_btd / (1.0 - rate)
-    return [jnp.where(keep_ebtd[e], x_scaled_btd, 0).astype(x_btd.dtype) for e in range(keep_ebtd.shape[0])]
+def _time_window(batch: int, time: int) -> int:
+    """The largest divisor of `time` whose window holds at most DROPOUT_WINDOW_TOKENS tokens (at least 1)."""
+    best = 1
+    for size in range(1, time + 1):
+        if time % size == 0 and batch * size <= DROPOUT_WINDOW_TOKENS:
+            best = size
+    return best
+
+
+def _windows(array_bt_: jax.Array, window: int) -> jax.Array:
+    """(batch, time, ...) -> (time // window, batch, window, ...): the loop axis first, the batch axis kept whole so
+    its sharding carries through."""
+    b, t = array_bt_.shape[:2]
+    return jnp.moveaxis(array_bt_.reshape(b, t // window, window, *array_bt_.shape[2:]), 1, 0)
+
+
+def _unwindow(array_nbw_: jax.Array) -> jax.Array:
+    n, b, w = array_nbw_.shape[:3]
+    return jnp.moveaxis(array_nbw_, 0, 1).reshape(b, n * w, *array_nbw_.shape[3:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def dropped_out_codes(x_btd: jax.Array, a_edr: jax.Array, seed: jax.Array, rate: float, num_experts: int):
     """dropout_e(x) A_e for every expert: (batch, time, experts, rank), the masks of `expert_dropout`.
 
-    One 2-D matmul per expert on its own copy of x, the copies never stacked (a batched einsum over broadcast copies is
-    several times slower on XLA:CPU). The backward keeps the boolean masks (a quarter of the bytes of the E masked
-    copies of x that autodiff would keep) and orders each A gradient with the rank-sized cotangent on the left."""
+    A loop over time windows of about DROPOUT_WINDOW_TOKENS tokens: each window's E masks and masked copies of x are
+    made in cache, used by E 2-D matmuls and dropped; nothing of size E x tokens x d is ever written to memory. The
+    backward makes the same masks again from the seed and orders each A gradient with the rank-sized cotangent on the
+    left."""
     return _dropped_out_codes_fwd(x_btd, a_edr, seed, rate, num_experts)[0]
 
 
 def _dropped_out_codes_fwd(x_btd, a_edr, seed, rate, num_experts):
-    keep_ebtd = keep_mask_from_seed(seed, (num_experts, *x_btd.shape), 1.0 - rate)
-    inputs = _dropped_out_inputs(x_btd, keep_ebtd, rate)
-    codes_bter = jnp.stack([inputs[e] @ a_edr[e % a_edr.shape[0]] for e in range(num_experts)], axis=2)
-    return codes_bter, (x_btd, a_edr, keep_ebtd)
+    b, t, _ = x_btd.shape
+    window = _time_window(b, t)
+    scale = 1.0 / (1.0 - rate)
+
+    def window_codes(inputs):
+        x_bwd, start = inputs
+        keeps = expert_keep_masks(seed, num_experts, 1.0 - rate, x_btd.shape, start, window)
+        return jnp.stack([jnp.where(keeps[e], x_bwd * scale, 0).astype(x_btd.dtype) @ a_edr[e % a_edr.shape[0]]
+                          for e in range(num_experts)], axis=2)
+
+    codes_nbwer = jax.lax.map(window_codes, (_windows(x_btd, window), jnp.arange(0, t, window, dtype=jnp.uint32)))
+    return _unwindow(codes_nbwer), (x_btd, a_edr, seed)
 
 
 def _dropped_out_codes_bwd(rate, num_experts, residuals, g_bter):
-    x_btd, a_edr, keep_ebtd = residuals
-    inputs = _dropped_out_inputs(x_btd, keep_ebtd, rate)
-    g_a_erd = [jnp.zeros(a_edr.shape[1:][::-1], a_edr.dtype) for _ in range(a_edr.shape[0])]
-    g_x_btd = jnp.zeros_like(x_btd)
-    for e in range(num_experts):
-        shared = e % a_edr.shape[0]
-        g_a_erd[shared] = g_a_erd[shared] + jnp.einsum("btr,btd->rd", g_bter[:, :, e], inputs[e])
-        g_x_btd = g_x_btd + jnp.where(keep_ebtd[e], g_bter[:, :, e] @ a_edr[shared].T, 0)
-    g_a_edr = jnp.stack(g_a_erd).transpose(0, 2, 1)
-    return (g_x_btd / (1.0 - rate)).astype(x_btd.dtype), g_a_edr.astype(a_edr.dtype), None
+    x_btd, a_edr, seed = residuals
+    b, t, _ = x_btd.shape
+    window = _time_window(b, t)
+    scale = 1.0 / (1.0 - rate)
+
+    def window_grads(g_a_erd, inputs):
+        x_bwd, g_bwer, start = inputs
+        keeps = expert_keep_masks(seed, num_experts, 1.0 - rate, x_btd.shape, start, window)
+        g_a = list(g_a_erd)
+        g_x_bwd = jnp.zeros(x_bwd.shape, jnp.float32)
+        for e in range(num_experts):
+            shared = e % a_edr.shape[0]
+            dropped_x_bwd = jnp.where(keeps[e], x_bwd, 0)
+            g_a[shared] = g_a[shared] + jnp.einsum("bwr,bwd->rd", g_bwer[:, :, e], dropped_x_bwd,
+                                                   preferred_element_type=jnp.float32)
+            g_x_bwd = g_x_bwd + jnp.where(keeps[e], g_bwer[:, :, e] @ a_edr[shared].T, 0)
+        return jnp.stack(g_a), (g_x_bwd * scale).astype(x_btd.dtype)
+
+    g_a_erd = jnp.zeros((a_edr.shape[0], a_edr.shape[2], a_edr.shape[1]), jnp.float32)
+    g_a_erd, g_x_nbwd = jax.lax.scan(window_grads, g_a_erd, (
+        _windows(x_btd, window), _windows(g_bter, window), jnp.arange(0, t, window, dtype=jnp.uint32)))
+    return _unwindow(g_x_nbwd), (g_a_erd * scale).transpose(0, 2, 1).astype(a_edr.dtype), None
 
 
 dropped_out_codes.defvjp(_dropped_out_codes_fwd, _dropped_out_codes_bwd)

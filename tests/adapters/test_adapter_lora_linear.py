@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxmoelora.adapters.config import AdapterConfig
+from jaxmoelora.adapters.fast_random import expert_keep_masks, mask_seed
 from jaxmoelora.adapters.lora_linear import AdaptedLinear, expert_dropout
 from jaxmoelora.adapters.routing import topk_weights
 from jaxmoelora.models.layers import Linear
@@ -113,6 +114,16 @@ def test_expert_dropout_keeps_each_entry_with_probability_one_minus_rate_and_res
         assert abs((x_ebtd[0] != x_ebtd[e]).mean() - 2 * 0.25 * 0.75) < 0.01  # independent: differ in 2 p (1 - p)
     next_step = np.asarray(expert_dropout(jax.random.key(1), x_btd, 0.25, 6))
     assert abs((next_step != x_ebtd).mean() - 2 * 0.25 * 0.75) < 0.01
+
+
+def test_dropout_masks_of_a_time_window_are_that_window_of_the_whole_inputs_masks():
+    # The chunked dropout loop asks for windows of the masks; they must be the masks of the whole input.
+    seed = mask_seed(jax.random.key(7))
+    whole = [np.asarray(m) for m in expert_keep_masks(seed, 5, 0.7, (3, 12, 8))]
+    for start, size in ((0, 4), (4, 4), (8, 4), (6, 3)):
+        window = expert_keep_masks(seed, 5, 0.7, (3, 12, 8), jnp.uint32(start), size)
+        for e in range(5):
+            np.testing.assert_array_equal(np.asarray(window[e]), whole[e][:, start:start + size])
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
