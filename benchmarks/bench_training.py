@@ -9,6 +9,7 @@ the base). Our workers run with the huge-page malloc tunable, as the `jaxmoelora
 
     python benchmarks/bench_training.py                       # every method + PEFT LoRA, 5 timed steps each
     python benchmarks/bench_training.py --methods loramoe lora --steps 3
+    python benchmarks/bench_training.py --methods loramoe --no-demo --repeat 2
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def run_jax(method: str, steps: int, demo: bool) -> dict:
+def build_jax(method: str, demo: bool = False):
+    """(step function that runs one training step and waits for it, facts about the setup) for our `method`."""
     import jax
     import numpy as np
 
@@ -65,8 +67,8 @@ def run_jax(method: str, steps: int, demo: bool) -> dict:
     graphdef, trainable, adapter_state, frozen = split_by_labels(model)
     tx = make_optimizer(options, trainable)
     opt_state = jax.jit(tx.init)(trainable)
-    state = TrainState(jax.numpy.zeros((), jax.numpy.int32), trainable, adapter_state, opt_state,
-                       jax.random.key_data(jax.random.key(0)))
+    holder = {"state": TrainState(jax.numpy.zeros((), jax.numpy.int32), trainable, adapter_state, opt_state,
+                                  jax.random.key_data(jax.random.key(0)))}
     step_fn = jax.jit(make_train_step(graphdef, tx, options), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 49152, (batch, seq + 1)).astype(np.int32)
@@ -74,23 +76,22 @@ def run_jax(method: str, steps: int, demo: bool) -> dict:
                     "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)),
                     "segment_ids": np.ones((batch, seq), np.int32),
                     "task_type": (np.arange(batch)[:, None] % 2 * np.ones((1, seq))).astype(np.int32)}
-    times = []
-    for _ in range(steps + 1):
-        started = time.perf_counter()
-        state, metrics = step_fn(state, frozen, batch_arrays)
+
+    def step() -> None:
+        holder["state"], metrics = step_fn(holder["state"], frozen, batch_arrays)
         jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - started)
+
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
-    median = statistics.median(times[1:])
-    system = f"jaxmoelora demo ({batch} x {seq})" if demo else f"jaxmoelora {method}"
-    return {"system": system, "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)),
-            "tokens_per_s": batch * seq / median, "step_s": median, "first_step_s": times[0],
-            "peak_rss_gb": peak_rss_gb(),
-            "optimizer_bytes_over_trainable": nbytes(state.opt_state) / nbytes(state.trainable),
-            "frozen_bytes": nbytes(frozen)}
+    state = holder["state"]
+    facts = {"system": f"jaxmoelora demo ({batch} x {seq})" if demo else f"jaxmoelora {method}",
+             "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)), "tokens": batch * seq,
+             "optimizer_bytes_over_trainable": nbytes(state.opt_state) / nbytes(state.trainable),
+             "frozen_bytes": nbytes(frozen)}
+    return step, facts
 
 
-def run_peft(steps: int, label: str) -> dict:
+def build_peft(label: str):
+    """(step function, facts) for transformers + PEFT LoRA r32 alpha 64 on gate/up/down with AdamW."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -104,19 +105,40 @@ def run_peft(steps: int, label: str) -> dict:
                                                                                   "down_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ids = torch.randint(0, 49152, (BATCH, SEQ + 1))
-    times = []
-    for _ in range(steps + 1):
-        started = time.perf_counter()
+
+    def step() -> None:
         loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        times.append(time.perf_counter() - started)
-    median = statistics.median(times[1:])
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"system": label, "trainable": trainable, "tokens_per_s": BATCH * SEQ / median,
-            "step_s": median, "first_step_s": times[0], "peak_rss_gb": peak_rss_gb(),
-            "optimizer_bytes_over_trainable": 2.0, "frozen_bytes": None}
+    return step, {"system": label, "trainable": trainable, "tokens": BATCH * SEQ,
+                  "optimizer_bytes_over_trainable": 2.0, "frozen_bytes": None}
+
+
+def timed_steps(step, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def run_worker(worker: str, steps: int) -> dict:
+    if worker in PEFT_WORKERS:
+        step, facts = build_peft(PEFT_LABEL + (", hugepage malloc" if worker == "peft-hugepage" else ""))
+    else:
+        step, facts = build_jax(worker, worker == "demo")
+    times = timed_steps(step, steps)
+    median = statistics.median(times[1:])
+    return facts | {"tokens_per_s": facts["tokens"] / median, "step_s": median, "first_step_s": times[0],
+                    "peak_rss_gb": peak_rss_gb()}
+
+
+def cpu_name() -> str:
+    return next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
 
 
 def main() -> None:
@@ -126,19 +148,18 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--no-demo", action="store_true")
     parser.add_argument("--no-unrolled", action="store_true", help="skip the scan_layers=false row")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole list of workers this many times in turn (the machine's speed drifts); "
+                             "each system's tokens/s is then the median over the repeats, with their range")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        if args.worker in PEFT_WORKERS:
-            result = run_peft(args.steps, PEFT_LABEL + (", hugepage malloc" if args.worker == "peft-hugepage" else ""))
-        else:
-            result = run_jax(args.worker, args.steps, args.worker == "demo")
-        print("RESULT " + json.dumps(result), flush=True)
+        print("RESULT " + json.dumps(run_worker(args.worker, args.steps)), flush=True)
         return
     workers = (([] if args.no_peft else [*PEFT_WORKERS, PEFT_MATCHED]) + ([] if args.no_unrolled else [UNROLLED])
                + list(args.methods) + ([] if args.no_demo else ["demo"]))
-    results = []
-    for worker in workers:
+    runs: dict[str, list[dict]] = {}
+    for worker in workers * args.repeat:
         # Our workers run as the `jaxmoelora` command runs itself (jaxmoelora/host_memory.py); "peft" as torch runs.
         if worker == "peft":
             env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
@@ -151,17 +172,26 @@ def main() -> None:
         if not line:
             print(f"{worker} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
             continue
-        results.append(json.loads(line[0][7:]))
-        print(f"done: {results[-1]['system']}", file=sys.stderr, flush=True)
+        result = json.loads(line[0][7:])
+        runs.setdefault(result["system"], []).append(result)
+        print(f"done: {result['system']}: {result['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+    results = []
+    for system_runs in runs.values():
+        rates = [r["tokens_per_s"] for r in system_runs]
+        results.append(system_runs[0] | {"tokens_per_s": statistics.median(rates), "range": (min(rates), max(rates)),
+                                         "first_step_s": statistics.median(r["first_step_s"] for r in system_runs),
+                                         "peak_rss_gb": max(r["peak_rss_gb"] for r in system_runs)})
     peft = next((r for r in results if r["system"] == PEFT_LABEL), None)
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
-    print(f"# {datetime.date.today()} {platform.node()} {cpu}, jax {__import__('jax').__version__}, "
-          f"batch {BATCH} x {SEQ} (demo: its own config), {args.steps} timed steps")
-    print("| system | trainable | tokens/s | vs PEFT LoRA | first step (s) | peak RSS (GB) | optimizer / trainable bytes |")
+    print(f"# {datetime.date.today()} {platform.node()} {cpu_name()}, jax {__import__('jax').__version__}, "
+          f"batch {BATCH} x {SEQ} (demo: its own config), {args.steps} timed steps, {args.repeat} repeat(s)")
+    print("| system | trainable | tokens/s (range over repeats) | vs PEFT LoRA | first step (s) | peak RSS (GB) "
+          "| optimizer / trainable bytes |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         ratio = f"{r['tokens_per_s'] / peft['tokens_per_s']:.2f}x" if peft else "-"
-        print(f"| {r['system']} | {r['trainable'] / 1e6:.2f} M | {r['tokens_per_s']:.0f} | {ratio} | "
+        low, high = r["range"]
+        print(f"| {r['system']} | {r['trainable'] / 1e6:.2f} M | {r['tokens_per_s']:.0f} ({low:.0f}-{high:.0f}) | "
+              f"{ratio} | "
               f"{r['first_step_s']:.1f} | {r['peak_rss_gb']:.1f} | {r['optimizer_bytes_over_trainable']:.2f} |")
 
 
