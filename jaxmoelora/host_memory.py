@@ -3,9 +3,10 @@
 XLA:CPU allocates a jitted call's temporary buffers afresh on every call, and glibc's malloc serves allocations above
 32 MiB with new mmap'd regions, so each training step page-faults its whole working set again in 4 KiB pages (about
 1.2 million faults, 4.7 GB, per SmolLM2-135M step at 8 x 256). glibc 2.35 and later can advise those regions to use
-transparent huge pages (the `glibc.malloc.hugetlb=1` tunable), which cuts the faults about 400-fold and a CPU training
-step by about 15% (BENCHMARKS.md). Tunables are read only when a process starts, so the `jaxmoelora` command starts
-itself once more with the tunable set. Set JAXMOELORA_KEEP_MALLOC=1 to turn this off.
+transparent huge pages (the `glibc.malloc.hugetlb=1` tunable), which cuts those faults about 400-fold (to about 3,000
+per step). What that saves in step time varies with the machine (BENCHMARKS.md). Tunables are read only when a process
+starts, so the `jaxmoelora` command starts itself once more with the tunable set. Set JAXMOELORA_KEEP_MALLOC=1 to turn
+this off.
 """
 
 from __future__ import annotations
