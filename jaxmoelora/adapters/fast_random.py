@@ -22,9 +22,9 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.Array:
-    """Boolean mask, each entry True with probability `keep_prob`, a deterministic function of `key`."""
-    return keep_mask_from_seed(mask_seed(key), shape, keep_prob)
+def _hashed_bits(index: jax.Array, seed: jax.Array) -> jax.Array:
+    """Uniform-looking uint32 bits for each element index under a seed."""
+    return _mix(_mix(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
 
 
 def mask_seed(key: jax.Array) -> jax.Array:
@@ -32,9 +32,9 @@ def mask_seed(key: jax.Array) -> jax.Array:
     return jax.random.bits(key, (2,), jnp.uint32)
 
 
-def keep_mask_from_seed(seed: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.Array:
-    index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-    bits = _mix(_mix(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
+def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.Array:
+    """Boolean mask, each entry True with probability `keep_prob`, a deterministic function of `key`."""
+    bits = _hashed_bits(jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape), mask_seed(key))
     threshold = min(int(keep_prob * 2 ** 32), 2 ** 32 - 1)
     return bits < jnp.uint32(threshold)
 
@@ -55,7 +55,6 @@ def expert_keep_masks(seed: jax.Array, num_experts: int, keep_prob: float, shape
     threshold = jnp.uint32(min(round(keep_prob * 2 ** 16), 2 ** 16))
     masks = []
     for pair in range((num_experts + 1) // 2):
-        index = cell + jnp.uint32(pair * b * t * d % 2 ** 32)
-        bits = _mix(_mix(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
+        bits = _hashed_bits(cell + jnp.uint32(pair * b * t * d % 2 ** 32), seed)
         masks += [(bits & jnp.uint32(0xFFFF)) < threshold, (bits >> 16) < threshold]
     return masks[:num_experts]
