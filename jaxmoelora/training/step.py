@@ -19,6 +19,7 @@ from flax import nnx
 from jaxmoelora.adapters.apply import merge_model
 from jaxmoelora.adapters.variables import AdapterState
 from jaxmoelora.training.config import TrainOptions
+from jaxmoelora.training.cross_entropy import head_cross_entropy
 from jaxmoelora.training.optimizer import learning_rate_schedule
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids", "task_type")
@@ -57,7 +58,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def micro_loss(trainable, adapter_state, frozen, batch, rng, total_tokens):
         output, model = forward(graphdef, trainable, adapter_state, frozen, batch, rng, train=True)
-        ce_sum, _ = token_loss(output.logits_btv, batch["targets"], batch["loss_mask"])
+        # The logits are never formed whole: the loss takes the final hidden states and the frozen head in chunks.
+        ce_sum, _ = head_cross_entropy(output.hidden_btd, model.head_weight_vd(), batch["targets"], batch["loss_mask"])
         aux_total = sum(output.aux_losses.values()) if output.aux_losses else jnp.zeros(())
         loss = ce_sum / total_tokens + aux_total / accum
         return loss, (ce_sum, output.aux_losses, output.router_stats, nnx.state(model, AdapterState))
