@@ -2,9 +2,9 @@
 
 One step = the trainer's jitted step (forward, backward w.r.t. adapters and routers only, AdamW update) on a global
 batch of 8 x 256 tokens, as BASELINES.md measures PyTorch. Each system runs in its own subprocess so peak memory
-(ru_maxrss) is its own; figures are medians over steps after the first (the first, with compilation, is reported as
-time to first step). Also reported: optimizer-state bytes against trainable-parameter bytes (AdamW: 2x, nothing for
-the base). Our workers run with the huge-page malloc tunable, as the `jaxmoelora` command runs itself
+(ru_maxrss) is its own; figures are medians over timed steps after the first and one untimed warm-up step (the first,
+with compilation, is reported as time to first step). Also reported: optimizer-state bytes against trainable-parameter
+bytes (AdamW: 2x, nothing for the base). Our workers run with the huge-page malloc tunable, as the `jaxmoelora` command runs itself
 (jaxmoelora/host_memory.py); PEFT runs both as torch runs by default and with that tunable.
 
     python benchmarks/bench_training.py                       # every method + PEFT LoRA, 5 timed steps each
@@ -117,9 +117,16 @@ def build_peft(label: str):
                   "optimizer_bytes_over_trainable": 2.0, "frozen_bytes": None}
 
 
+WARMUP_STEPS = 1  # untimed steps after the first: the step after compilation still runs slow (memory warm-up)
+
+
 def timed_steps(step, steps: int) -> list[float]:
+    """The first step's time (with compilation), then `steps` timed steps after WARMUP_STEPS untimed ones."""
     times = []
-    for _ in range(steps + 1):
+    for index in range(1 + WARMUP_STEPS + steps):
+        if 1 <= index <= WARMUP_STEPS:
+            step()
+            continue
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
