@@ -61,7 +61,8 @@ def hf_tensor_name(path: tuple[str, ...], layer: int | None) -> str:
 
 def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: str | None = None,
                     mesh: Mesh | None = None, rules=DEFAULT_RULES, scan_layers: bool = True,
-                    remat: bool = False, adapter=None, adapter_seed: int = 0) -> CausalLM:
+                    remat: bool = False, remat_policy: str = "full", adapter=None,
+                    adapter_seed: int = 0) -> CausalLM:
     """Loads a Llama-family model.
 
     `path` is a Hugging Face directory (single or sharded safetensors), a .gguf file, or `smollm2-135m`. Each tensor is
@@ -70,7 +71,7 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
     `adapter` (an `AdapterConfig` or a preset name such as "loramoe") adds experts and routers, sharded by the same
     rules; they are initialised from `adapter_seed`.
     """
-    overrides: dict[str, Any] = dict(scan_layers=scan_layers, remat=remat)
+    overrides: dict[str, Any] = dict(scan_layers=scan_layers, remat=remat, remat_policy=remat_policy)
     if dtype is not None:
         overrides["dtype"] = dtype
         overrides["param_dtype"] = param_dtype or dtype

@@ -22,6 +22,12 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
 
 
+# What a rematerialised (remat=True) layer keeps for the backward pass, as jax.checkpoint policies: "full" keeps only
+# the layer's input and recomputes everything; "save_dots" keeps the outputs of matmuls without batch dimensions (the
+# projections) and recomputes attention and elementwise ops (MaxText's and levanter's middle setting).
+REMAT_POLICIES = {"full": "nothing_saveable", "save_dots": "dots_with_no_batch_dims_saveable"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Llama-family decoder (Llama 2/3, TinyLlama, SmolLM2, Mistral, Qwen2, Qwen3)."""
@@ -55,11 +61,14 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the frozen weights
     scan_layers: bool = True  # lax.scan over the stacked layers: compile time independent of depth
     remat: bool = False  # recompute each decoder layer in the backward pass
+    remat_policy: str = "full"  # with remat, what is kept: see REMAT_POLICIES
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not a known dtype; use one of {sorted(DTYPES)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"remat_policy={self.remat_policy!r} is unknown; use one of {sorted(REMAT_POLICIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.rope_type not in SUPPORTED_ROPE_TYPES:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoelora.adapters.variables import AdapterState
-from jaxmoelora.models.config import ModelConfig
+from jaxmoelora.models.config import REMAT_POLICIES, ModelConfig
 from jaxmoelora.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm
 from jaxmoelora.models.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -301,7 +301,8 @@ class CausalLM(nnx.Module):
             return x_btd, ((k_btkh, v_btkh), layer_ctx.aux, new_adapter_state)
 
         if self.config.remat:
-            one_layer = jax.checkpoint(one_layer, prevent_cse=not self.config.scan_layers)
+            policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.config.remat_policy])
+            one_layer = jax.checkpoint(one_layer, prevent_cse=not self.config.scan_layers, policy=policy)
         cache_kv = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
         xs = (layer_state, windows_l, cache_kv, keys_l)
         # Unrolled (scan_layers=False) compiles each layer separately: compile time grows with depth, but XLA may

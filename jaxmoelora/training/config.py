@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jaxmoelora.adapters.config import METHODS, AdapterConfig, preset
 from jaxmoelora.data.config import DataConfig
+from jaxmoelora.models.config import REMAT_POLICIES
 from jaxmoelora.errors import ConfigError, JaxMoeLoraError
 from jaxmoelora.models.config import DTYPES
 
@@ -27,8 +28,12 @@ class ModelOptions:
     param_dtype: str | None = None  # storage dtype of the frozen base (default: dtype)
     scan_layers: bool = True
     remat: bool = False
+    remat_policy: str = "full"  # with remat: "full" or "save_dots" (jaxmoelora.models.config.REMAT_POLICIES)
 
     def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat_policy={self.remat_policy!r} is unknown; use one of "
+                              f"{sorted(REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPES:

@@ -109,6 +109,7 @@ def train(config: ExperimentConfig, *, stop_after: int | None = None, quiet: boo
     iterator = iter(make_dataset(config.data, tokenizer, prepared=prepared))
     model = from_pretrained(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                             mesh=mesh, scan_layers=config.model.scan_layers, remat=config.model.remat,
+                            remat_policy=config.model.remat_policy,
                             adapter=config.adapter, adapter_seed=options.seed)
     graphdef, trainable, adapter_state, frozen = split_by_labels(model)
     del model

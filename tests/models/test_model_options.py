@@ -88,13 +88,14 @@ def loss_and_grads(model, ids_bt, mask_bt):
 
 
 def test_remat_gives_the_same_loss_and_gradients_scanned_or_unrolled(tiny_llama_dir):
+    """Recomputing whole layers (scanned or unrolled) or keeping the projections' outputs ("save_dots")."""
     ids_bt, mask_bt = (jnp.asarray(a) for a in padded_batch())
     (loss, grads), plain_jaxpr = loss_and_grads(from_pretrained(tiny_llama_dir), ids_bt, mask_bt)
     assert "checkpoint" not in str(plain_jaxpr) and "remat" not in str(plain_jaxpr)
     flat = nnx.to_flat_state(grads)
     assert len(flat) >= 11 and all(np.abs(np.asarray(g.get_value())).max() > 0 for _, g in flat)
-    for scan_layers in (True, False):
-        remat = from_pretrained(tiny_llama_dir, scan_layers=scan_layers, remat=True)
+    for scan_layers, policy in ((True, "full"), (False, "full"), (True, "save_dots")):
+        remat = from_pretrained(tiny_llama_dir, scan_layers=scan_layers, remat=True, remat_policy=policy)
         (remat_loss, remat_grads), remat_jaxpr = loss_and_grads(remat, ids_bt, mask_bt)
         assert "checkpoint" in str(remat_jaxpr) or "remat" in str(remat_jaxpr)
         np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
@@ -102,7 +103,12 @@ def test_remat_gives_the_same_loss_and_gradients_scanned_or_unrolled(tiny_llama_
         assert [p for p, _ in remat_flat] == [p for p, _ in flat]
         for (path, g), (_, rg) in zip(flat, remat_flat):
             np.testing.assert_allclose(rg.get_value(), g.get_value(), rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{path} scan_layers={scan_layers}")
+                                       err_msg=f"{path} scan_layers={scan_layers} policy={policy}")
+
+
+def test_unknown_remat_policy_is_rejected(tiny_llama_dir):
+    with pytest.raises(ConfigError, match="remat_policy='everything' is unknown; use one of"):
+        from_pretrained(tiny_llama_dir, remat=True, remat_policy="everything")
 
 
 # ----- dtypes ---------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ BAD = [
     (["adapter.method=lorax"], "adapter.method"),
     (["adapter.top_k=9"], "adapter.top_k"),  # loramoe has 6 experts
     (["model.dtype=float13"], "model.dtype"),
+    (["model.remat_policy=everything"], "model.remat_policy"),
     (["data.overlong=cut"], "data.overlong"),
     (["data.batch_size=6", "train.grad_accum_steps=4"], "train.grad_accum_steps"),
     (["mesh.data=3"], "mesh"),  # 3 devices on a 1-device machine: found by the trainer, before the model loads
