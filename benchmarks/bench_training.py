@@ -10,6 +10,7 @@ command runs itself (jaxmoelora/host_memory.py); PEFT runs both as torch runs by
     python benchmarks/bench_training.py                       # every method + PEFT LoRA, 5 timed steps each
     python benchmarks/bench_training.py --methods loramoe lora --steps 3
     python benchmarks/bench_training.py --methods loramoe --no-demo --repeat 2
+    python benchmarks/bench_training.py --methods --no-demo --no-unrolled --remat   # remat policies against PEFT
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ METHODS = ("lora", "loramoe", "moelora", "slim", "moral", "mixlora", "hydralora"
 # Our LoRA with exactly the PEFT baseline's adapter: rank 32, alpha 64 on gate/up/down, no dropout.
 PEFT_MATCHED = "lora-peft-matched"
 UNROLLED = "lora-peft-matched-unrolled"  # the same with model.scan_layers=false
+# The same with model.remat=true and each remat policy (--remat).
+REMAT = {"lora-peft-matched-remat-full": "full", "lora-peft-matched-remat-save-dots": "save_dots"}
 # PEFT as it runs by default, and with the huge-page malloc tunable our command line sets for itself.
 PEFT_WORKERS = ("peft", "peft-hugepage")
 BATCH, SEQ = 8, 256
@@ -56,14 +59,15 @@ def build_jax(method: str, demo: bool = False):
         experiment = load_experiment("configs/demo.yaml")
         adapter, options, batch, seq = experiment.adapter, experiment.train, experiment.data.batch_size, \
             experiment.data.max_length
-    elif method in (PEFT_MATCHED, UNROLLED):
+    elif method in (PEFT_MATCHED, UNROLLED, *REMAT):
         adapter = jaxmoelora.AdapterConfig(method="lora", target_modules=("gate_proj", "up_proj", "down_proj"),
                                            rank=32, alpha=64.0)
         options, batch, seq = TrainOptions(steps=1000), BATCH, SEQ
     else:
         adapter, options, batch, seq = jaxmoelora.preset(method), TrainOptions(steps=1000), BATCH, SEQ
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    model = jaxmoelora.from_pretrained("smollm2-135m", mesh=mesh, adapter=adapter, scan_layers=method != UNROLLED)
+    model = jaxmoelora.from_pretrained("smollm2-135m", mesh=mesh, adapter=adapter, scan_layers=method != UNROLLED,
+                                       remat=method in REMAT, remat_policy=REMAT.get(method, "full"))
     graphdef, trainable, adapter_state, frozen = split_by_labels(model)
     tx = make_optimizer(options, trainable)
     opt_state = jax.jit(tx.init)(trainable)
@@ -155,6 +159,7 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--no-demo", action="store_true")
     parser.add_argument("--no-unrolled", action="store_true", help="skip the scan_layers=false row")
+    parser.add_argument("--remat", action="store_true", help="add our PEFT-matched LoRA with each remat policy")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the whole list of workers this many times in turn (the machine's speed drifts); "
                              "each system's tokens/s is then the median over the repeats, with their range")
@@ -164,6 +169,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_worker(args.worker, args.steps)), flush=True)
         return
     workers = (([] if args.no_peft else [*PEFT_WORKERS, PEFT_MATCHED]) + ([] if args.no_unrolled else [UNROLLED])
+               + (list(REMAT) if args.remat else [])
                + list(args.methods) + ([] if args.no_demo else ["demo"]))
     runs: dict[str, list[dict]] = {}
     for worker in workers * args.repeat:
