@@ -126,14 +126,15 @@ WARMUP_STEPS = 1  # untimed steps after the first: the step after compilation st
 
 def timed_steps(step, steps: int) -> list[float]:
     """The first step's time (with compilation), then `steps` timed steps after WARMUP_STEPS untimed ones."""
-    times = []
-    for index in range(1 + WARMUP_STEPS + steps):
-        if 1 <= index <= WARMUP_STEPS:
-            step()
-            continue
+    def timed() -> float:
         started = time.perf_counter()
         step()
-        times.append(time.perf_counter() - started)
+        return time.perf_counter() - started
+
+    times = [timed()]
+    for _ in range(WARMUP_STEPS):
+        step()
+    times += [timed() for _ in range(steps)]
     return times
 
 

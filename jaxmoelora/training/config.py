@@ -14,9 +14,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jaxmoelora.adapters.config import METHODS, AdapterConfig, preset
 from jaxmoelora.data.config import DataConfig
-from jaxmoelora.models.config import REMAT_POLICIES
 from jaxmoelora.errors import ConfigError, JaxMoeLoraError
-from jaxmoelora.models.config import DTYPES
+from jaxmoelora.models.config import DTYPES, REMAT_POLICIES
 
 SCHEDULES = ("cosine", "linear", "constant")
 
