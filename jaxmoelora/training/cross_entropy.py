@@ -20,12 +20,15 @@ LOSS_CHUNK_TOKENS = 256  # tokens whose logits exist at once (per chunk: tokens 
 def _chunk_loss_and_grad(hidden_bcd: jax.Array, head_vd: jax.Array, targets_bc: jax.Array, weights_bc: jax.Array):
     logits_bcv = jnp.einsum("bcd,vd->bcv", hidden_bcd, head_vd.astype(hidden_bcd.dtype),
                             preferred_element_type=jnp.float32)
-    lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+    # One exponential per logit, shared by the log-sum-exp and the softmax: exp is the costliest elementwise op here.
+    max_bc = jnp.max(logits_bcv, axis=-1)
+    exp_bcv = jnp.exp(logits_bcv - max_bc[..., None])
+    sum_bc = jnp.sum(exp_bcv, axis=-1)
+    lse_bc = max_bc + jnp.log(sum_bc)
     target_logit_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
     ce_sum = jnp.sum((lse_bc - target_logit_bc) * weights_bc)
-    probs_bcv = jnp.exp(logits_bcv - lse_bc[..., None])
     onehot_bcv = jax.nn.one_hot(targets_bc, logits_bcv.shape[-1], dtype=jnp.float32)
-    grad_logits_bcv = (probs_bcv - onehot_bcv) * weights_bc[..., None]
+    grad_logits_bcv = exp_bcv * (weights_bc / sum_bc)[..., None] - onehot_bcv * weights_bc[..., None]
     grad_hidden_bcd = jnp.einsum("bcv,vd->bcd", grad_logits_bcv.astype(hidden_bcd.dtype),
                                  head_vd.astype(hidden_bcd.dtype), preferred_element_type=jnp.float32)
     return ce_sum, grad_hidden_bcd
