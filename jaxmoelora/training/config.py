@@ -53,6 +53,8 @@ class TrainOptions:
     grad_clip: float = 1.0  # global norm; 0 disables
     grad_accum_steps: int = 1  # the global batch is split into this many micro-batches per step
     seed: int = 0
+    # JAX's persistent compilation cache: a rerun or resume with the same shapes skips compiling; empty turns it off.
+    compilation_cache_dir: str | None = "~/.cache/jaxmoelora/jax_compilation"
 
     def __post_init__(self):
         if self.steps < 1:

@@ -86,11 +86,13 @@ def train(config: ExperimentConfig, *, stop_after: int | None = None, quiet: boo
     from jaxmoelora.loading.pretrained import from_pretrained, load_tokenizer
     from jaxmoelora.sharding.rules import batch_sharding, make_mesh
     from jaxmoelora.training.checkpointing import AdapterCheckpointer, abstract_like
+    from jaxmoelora.training.compilation_cache import enable_compilation_cache
     from jaxmoelora.training.metrics import MetricsLogger, plot_run
     from jaxmoelora.training.optimizer import make_optimizer, optimizer_state_shardings, split_by_labels
     from jaxmoelora.training.step import BATCH_KEYS, TrainState, make_train_step
 
     initialize_distributed(config.distributed)
+    enable_compilation_cache(config.train.compilation_cache_dir)
     is_main = jax.process_index() == 0
     say = (lambda text: print(text, flush=True)) if is_main and not quiet else (lambda text: None)
     output_dir = Path(config.output_dir).absolute()
