@@ -1,7 +1,8 @@
 """JAX's persistent compilation cache, so a resumed or repeated run skips most of its compilation.
 
-A SmolLM2 LoRAMoE step takes about 25 s to compile on 2 CPU cores; with the cache a second process with the same
-model, method and shapes loads the executable from disk instead (MaxText and levanter turn the cache on the same way).
+A second process with the same model, method and shapes loads its executables from disk instead of compiling them
+(MaxText and levanter turn the cache on the same way): on 2 CPU cores the SmolLM2 LoRAMoE step's first result came
+after 26-28 s instead of 36 s (BENCHMARKS.md).
 """
 
 from __future__ import annotations
