@@ -11,6 +11,8 @@ the frozen down projection also runs once, on the mixed hidden state; only the l
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,10 +28,34 @@ from jaxmoelora.models.decoder import MLP
 from jaxmoelora.models.layers import stacked_param
 
 
-def per_slot_outputs(codes_btker: jax.Array, b_erf: jax.Array) -> jax.Array:
-    """sum_e codes_e B_e for each top-k slot: (batch, time, k, d_out)."""
-    b, t, k, e, r = codes_btker.shape
-    return expert_outputs(codes_btker.reshape(b, t * k, e, r), b_erf).reshape(b, t, k, -1)
+@jax.custom_vjp
+def expert_codes(h_btf: jax.Array, a_efr: jax.Array) -> jax.Array:
+    """h A_e for every expert: (batch, time, experts, rank)."""
+    return jnp.einsum("btf,efr->bter", h_btf, a_efr)
+
+
+def _expert_codes_fwd(h_btf, a_efr):
+    return expert_codes(h_btf, a_efr), (h_btf, a_efr)
+
+
+def _expert_codes_bwd(residuals, g_bter):
+    h_btf, a_efr = residuals
+    # A's gradient with the rank-sized cotangent as the left operand (see `expert_outputs`).
+    g_a_erf = jnp.einsum("bter,btf->erf", g_bter, h_btf)
+    return jnp.einsum("bter,efr->btf", g_bter, a_efr), g_a_erf.transpose(0, 2, 1).astype(a_efr.dtype)
+
+
+expert_codes.defvjp(_expert_codes_fwd, _expert_codes_bwd)
+
+
+def _slot_hidden(act, dropout: float, gate_btf, up_btf, delta_g_btf, delta_u_btf, hidden0_btf, w_bt1, keep_btf):
+    """One top-k slot's expert hidden state act(W1 x + dg) * (W3 x + du): its weighted share of the mixed hidden
+    state (relative to the frozen h0 when given) and, dropped out when `keep_btf` is given, its down-projection input."""
+    hidden_btf = act(gate_btf + delta_g_btf) * (up_btf + delta_u_btf)
+    share_btf = w_bt1 * (hidden_btf if hidden0_btf is None else hidden_btf - hidden0_btf)
+    if keep_btf is not None:
+        hidden_btf = jnp.where(keep_btf, hidden_btf / (1.0 - dropout), 0).astype(hidden_btf.dtype)
+    return share_btf, hidden_btf
 
 
 class MoEFeedForward(nnx.Module):
@@ -88,30 +114,38 @@ class MoEFeedForward(nnx.Module):
         a_u, b_u = self.up_experts.factors(key("merge_up", merge), config)
         a_d, b_d = self.down_experts.factors(key("merge_down", merge), config)
 
+        dtype = x_btd.dtype
         gate_btf, up_btf = base.gate_proj(x_btd), base.up_proj(x_btd)
-        onehot_btke1 = lora_onehot_btke[..., None]
-        # Each slot keeps only its own expert's rank-r code, then one matmul over (expert, rank) applies B.
-        codes_g_btker = lora_codes(x_btd, a_g, key=key("dropout_gate", dropout), dropout=config.dropout)[:, :, None]
-        codes_u_btker = lora_codes(x_btd, a_u, key=key("dropout_up", dropout), dropout=config.dropout)[:, :, None]
-        gate_btkf = gate_btf[:, :, None] + s * per_slot_outputs(codes_g_btker * onehot_btke1, b_g.astype(x_btd.dtype))
-        up_btkf = up_btf[:, :, None] + s * per_slot_outputs(codes_u_btker * onehot_btke1, b_u.astype(x_btd.dtype))
-        hidden_btkf = base.act(gate_btkf) * up_btkf
-        w_btk = weights_btk.astype(x_btd.dtype)
+        codes_g_bter = lora_codes(x_btd, a_g, key=key("dropout_gate", dropout), dropout=config.dropout)
+        codes_u_bter = lora_codes(x_btd, a_u, key=key("dropout_up", dropout), dropout=config.dropout)
+        b_g, b_u, a_d = b_g.astype(dtype), b_u.astype(dtype), a_d.astype(dtype)
+        w_btk = weights_btk.astype(dtype)
+        # h0 + sum_j w_j (h_j - h0) equals sum_j w_j h_j when the weights sum to one, and is exactly the frozen FFN's
+        # hidden state when every adapter is zero (identity experts, B = 0).
+        hidden0_btf = None
         if config.renormalize_topk:
-            # h0 + sum_j w_j (h_j - h0) equals sum_j w_j h_j when the weights sum to one, and is exactly the frozen
-            # FFN's hidden state when every adapter is zero (identity experts, B = 0).
-            hidden_btf = base.act(gate_btf) * up_btf
-            mixed_btf = hidden_btf + jnp.einsum("btk,btkf->btf", w_btk, hidden_btkf - hidden_btf[:, :, None])
-        else:
-            mixed_btf = jnp.einsum("btk,btkf->btf", w_btk, hidden_btkf)
-        out_btd = base.down_proj(mixed_btf)
-        down_in_btkf = hidden_btkf
+            hidden0_btf = jax.checkpoint(lambda g, u: base.act(g) * u)(gate_btf, up_btf)
+        mixed_btf = hidden0_btf if config.renormalize_topk else jnp.zeros_like(gate_btf)
+        keep_btkf = None
         if dropout:
-            keep = keep_mask(key("dropout_down", dropout), hidden_btkf.shape, 1.0 - config.dropout)
-            down_in_btkf = jnp.where(keep, hidden_btkf / (1.0 - config.dropout), 0).astype(hidden_btkf.dtype)
-        codes_d_btker = jnp.einsum("btkf,efr->btker", down_in_btkf, a_d.astype(x_btd.dtype))
-        mixed_codes_bter = jnp.einsum("btk,btker->bter", w_btk, codes_d_btker * onehot_btke1)
-        out_btd = out_btd + s * expert_outputs(mixed_codes_bter, b_d.astype(x_btd.dtype))
+            keep_btkf = keep_mask(key("dropout_down", dropout), (*gate_btf.shape[:2], config.top_k,
+                                                                  gate_btf.shape[2]), 1.0 - config.dropout)
+        # Recomputed in the backward pass from its inputs: saving its intermediates costs more memory traffic.
+        slot_hidden = jax.checkpoint(functools.partial(_slot_hidden, base.act, config.dropout))
+        # One top-k slot at a time, each with its own (batch, time, f) arrays: a (batch, time, k, f) layout makes
+        # XLA:CPU sum the k slots' gradients with a slow reduction over a middle axis.
+        mixed_codes_bter = None
+        for j in range(config.top_k):
+            onehot_bte1 = lora_onehot_btke[:, :, j, :, None]  # slot j keeps only its own expert's rank-r code
+            w_bt1 = w_btk[:, :, j, None]
+            share_btf, down_in_btf = slot_hidden(
+                gate_btf, up_btf, s * expert_outputs(codes_g_bter * onehot_bte1, b_g),
+                s * expert_outputs(codes_u_bter * onehot_bte1, b_u), hidden0_btf, w_bt1,
+                None if keep_btkf is None else keep_btkf[:, :, j])
+            mixed_btf = mixed_btf + share_btf
+            codes_d_bter = expert_codes(down_in_btf, a_d) * (w_bt1[..., None] * onehot_bte1)
+            mixed_codes_bter = codes_d_bter if mixed_codes_bter is None else mixed_codes_bter + codes_d_bter
+        out_btd = base.down_proj(mixed_btf) + s * expert_outputs(mixed_codes_bter, b_d.astype(dtype))
         if ctx is not None:
             aux = routing_summary(probs_bte, index_btk, ctx.token_mask_bt)
             if n_id:

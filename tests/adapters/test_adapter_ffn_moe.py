@@ -99,6 +99,59 @@ def test_slim_with_identity_experts_and_yielding_equals_the_loop():
     assert not np.array_equal(reference_ffn(no_yield, x_btd)[1], picked)
 
 
+def dense_reference_jnp(module: MoEFeedForward, x_btd, gate, up, down, router_de):
+    """Every expert as a whole FFN with its own merged weights on every token, weighted by its renormalised top-k
+    weight (zero when not picked): jax.numpy, so that jax.grad gives the reference gradients."""
+    config, base = module.config, module.base
+    s, n_id = config.scaling, config.num_identity_experts
+    w1, w3, w2 = base.gate_proj.kernel[...], base.up_proj.kernel[...], base.down_proj.kernel[...]
+    probs_bte = jax.nn.softmax(x_btd @ router_de, axis=-1)
+    top_btk, index_btk = jax.lax.top_k(probs_bte, config.top_k)
+    if config.renormalize_topk:
+        top_btk = top_btk / jnp.sum(top_btk, axis=-1, keepdims=True)
+    y_btd = jnp.zeros_like(x_btd)
+    for e in range(config.num_experts):
+        weight_bt = jnp.sum(jnp.where(index_btk == e, top_btk, 0.0), axis=-1)
+        if e < n_id:
+            expert_btd = (jax.nn.silu(x_btd @ w1) * (x_btd @ w3)) @ w2
+        else:
+            (a1, b1), (a3, b3), (a2, b2), l = gate, up, down, e - n_id
+            w1_e, w3_e, w2_e = w1 + s * a1[l] @ b1[l], w3 + s * a3[l] @ b3[l], w2 + s * a2[l] @ b2[l]
+            expert_btd = (jax.nn.silu(x_btd @ w1_e) * (x_btd @ w3_e)) @ w2_e
+        y_btd = y_btd + weight_bt[..., None] * expert_btd
+    return y_btd
+
+
+@pytest.mark.parametrize("case", ["mixlora", "mixlora_no_renormalize", "slim_no_yielding"])
+def test_gradients_equal_those_of_the_dense_reference(case):
+    """The per-slot products, the recomputed slot hidden states and the hand-written expert VJPs give JAX's gradients
+    of the plain dense mixture for every A, B, the router and x."""
+    config = {"mixlora": MIXLORA, "mixlora_no_renormalize": MIXLORA.replace(renormalize_topk=False),
+              "slim_no_yielding": SLIM.replace(num_clusters=0, merge_drop_rate=0.0)}[case]
+    module = make_ffn(config)
+    x_btd = normal(3, (*SHAPE, FFN.hidden_size))
+    cotangent_btd = normal(4, (*SHAPE, FFN.hidden_size))
+    graphdef, state = nnx.split(module)
+    parts = ("gate_experts", "up_experts", "down_experts")
+
+    def ours(state, x_btd):
+        return jnp.sum(nnx.merge(graphdef, state)(x_btd, context(train=False, shape=SHAPE)) * cotangent_btd)
+
+    def reference(gate, up, down, router_de, x_btd):
+        return jnp.sum(dense_reference_jnp(module, x_btd, gate, up, down, router_de) * cotangent_btd)
+
+    factors_in = [(getattr(module, p).lora_a[...], getattr(module, p).lora_b[...]) for p in parts]
+    expected = jax.grad(reference, argnums=(0, 1, 2, 3, 4))(*factors_in, module.router[...], x_btd)
+    grad_state, grad_x = jax.grad(ours, argnums=(0, 1))(state, x_btd)
+    got = [(grad_state[p]["lora_a"][...], grad_state[p]["lora_b"][...]) for p in parts]
+    got = (*got, grad_state["router"][...], grad_x)
+    names = [f"{p} {factor}" for p in parts for factor in ("A", "B")] + ["router", "x"]
+    assert len(jax.tree.leaves(got)) == len(jax.tree.leaves(expected)) == len(names)
+    for name, g, e in zip(names, jax.tree.leaves(got), jax.tree.leaves(expected)):
+        assert float(jnp.max(jnp.abs(e))) > 0, name
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_tokens_routed_only_to_identity_experts_get_exactly_the_frozen_ffn():
     module = make_ffn(SLIM.replace(yield_strength=1e4), centre_scale=0.0)  # d is large: identity logits dominate
     x_btd = normal(2, (*SHAPE, FFN.hidden_size), 3.0)
