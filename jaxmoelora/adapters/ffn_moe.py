@@ -28,6 +28,20 @@ from jaxmoelora.models.decoder import MLP
 from jaxmoelora.models.layers import stacked_param
 
 
+def slot_codes(x_btd: jax.Array, a_edr: jax.Array, key: jax.Array | None, dropout: float, top_k: int) -> jax.Array:
+    """Every LoRA expert's code x A_e for each top-k slot: (batch, time, k, experts, rank), slot j's input under its
+    own dropout mask when `key` is given (the same code for every slot without).
+
+    The official code drops out x inside each expert, and a token reaches only the k experts it picked, so one mask
+    per slot gives every used (token, expert) pair its own mask, as E masks per token would, for k masked copies of
+    x instead of E."""
+    e, d, r = a_edr.shape
+    a_1dx = a_edr.astype(x_btd.dtype).transpose(1, 0, 2).reshape(1, d, e * r)
+    codes_bt_x = lora_codes(x_btd, a_1dx, key=key, dropout=dropout, num_experts=top_k if key is not None else 1)
+    codes_bt_x = jnp.broadcast_to(codes_bt_x, (*codes_bt_x.shape[:2], top_k, e * r))
+    return codes_bt_x.reshape(*codes_bt_x.shape[:3], e, r)
+
+
 @jax.custom_vjp
 def expert_codes(h_btf: jax.Array, a_efr: jax.Array) -> jax.Array:
     """h A_e for every expert: (batch, time, experts, rank)."""
@@ -116,8 +130,8 @@ class MoEFeedForward(nnx.Module):
 
         dtype = x_btd.dtype
         gate_btf, up_btf = base.gate_proj(x_btd), base.up_proj(x_btd)
-        codes_g_bter = lora_codes(x_btd, a_g, key=key("dropout_gate", dropout), dropout=config.dropout)
-        codes_u_bter = lora_codes(x_btd, a_u, key=key("dropout_up", dropout), dropout=config.dropout)
+        codes_g_btker = slot_codes(x_btd, a_g, key("dropout_gate", dropout), config.dropout, config.top_k)
+        codes_u_btker = slot_codes(x_btd, a_u, key("dropout_up", dropout), config.dropout, config.top_k)
         b_g, b_u, a_d = b_g.astype(dtype), b_u.astype(dtype), a_d.astype(dtype)
         w_btk = weights_btk.astype(dtype)
         # h0 + sum_j w_j (h_j - h0) equals sum_j w_j h_j when the weights sum to one, and is exactly the frozen FFN's
@@ -139,8 +153,8 @@ class MoEFeedForward(nnx.Module):
             onehot_bte1 = lora_onehot_btke[:, :, j, :, None]  # slot j keeps only its own expert's rank-r code
             w_bt1 = w_btk[:, :, j, None]
             share_btf, down_in_btf = slot_hidden(
-                gate_btf, up_btf, s * expert_outputs(codes_g_bter * onehot_bte1, b_g),
-                s * expert_outputs(codes_u_bter * onehot_bte1, b_u), hidden0_btf, w_bt1,
+                gate_btf, up_btf, s * expert_outputs(codes_g_btker[:, :, j] * onehot_bte1, b_g),
+                s * expert_outputs(codes_u_btker[:, :, j] * onehot_bte1, b_u), hidden0_btf, w_bt1,
                 None if keep_btkf is None else keep_btkf[:, :, j])
             mixed_btf = mixed_btf + share_btf
             codes_d_bter = expert_codes(down_in_btf, a_d) * (w_bt1[..., None] * onehot_bte1)

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxmoelora.adapters.config import ATTENTION_MODULES, FFN_MODULES, AdapterConfig, preset
+from jaxmoelora.adapters.fast_random import expert_keep_masks, keep_mask, mask_seed
 from jaxmoelora.adapters.ffn_moe import MoEFeedForward
 from jaxmoelora.adapters.merging import merge_masks
 from jaxmoelora.models.config import ModelConfig
@@ -150,6 +151,42 @@ def test_gradients_equal_those_of_the_dense_reference(case):
     for name, g, e in zip(names, jax.tree.leaves(got), jax.tree.leaves(expected)):
         assert float(jnp.max(jnp.abs(e))) > 0, name
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_dropout_gives_each_picked_expert_its_own_masks_of_its_lora_inputs():
+    """In training, the expert in top-k slot j sees x under slot j's gate and up masks in its gate/up LoRA, and its
+    hidden state under slot j's down mask in its down LoRA; the frozen W1, W3 and W2 see the undropped inputs
+    (MixLoRA [code]: the dropout sits inside each expert's LoRA)."""
+    rate = 0.3
+    module = make_ffn(MIXLORA.replace(dropout=rate))
+    x_btd = normal(5, (*SHAPE, FFN.hidden_size))
+    ctx = context(train=True, shape=SHAPE, seed=11)
+    got = module(x_btd, ctx)
+    k, f = module.config.top_k, FFN.intermediate_size
+    keep_gate = [np.asarray(m) for m in expert_keep_masks(mask_seed(ctx.key_for("mlp/dropout_gate")), k, 1 - rate,
+                                                          x_btd.shape)]
+    keep_up = [np.asarray(m) for m in expert_keep_masks(mask_seed(ctx.key_for("mlp/dropout_up")), k, 1 - rate,
+                                                        x_btd.shape)]
+    keep_down_btkf = np.asarray(keep_mask(ctx.key_for("mlp/dropout_down"), (*SHAPE, k, f), 1 - rate))
+    s, base = module.config.scaling, module.base
+    w1, w3, w2 = (f64(base.gate_proj.kernel[...]), f64(base.up_proj.kernel[...]), f64(base.down_proj.kernel[...]))
+    (a1, b1), (a3, b3), (a2, b2) = (factors(module.gate_experts), factors(module.up_experts),
+                                    factors(module.down_experts))
+    x = f64(x_btd)
+    _, picked_btk = reference_ffn(module, x_btd)
+    expected = np.zeros_like(x)
+    for b in range(SHAPE[0]):
+        for t in range(SHAPE[1]):
+            probs = np_softmax(x[b, t] @ f64(module.router[...]))
+            weights = probs[picked_btk[b, t]] / probs[picked_btk[b, t]].sum()
+            for j, (w, e) in enumerate(zip(weights, picked_btk[b, t])):
+                x_gate, x_up = x[b, t] * keep_gate[j][b, t] / (1 - rate), x[b, t] * keep_up[j][b, t] / (1 - rate)
+                hidden = np_silu(x[b, t] @ w1 + s * x_gate @ a1[e] @ b1[e]) * (x[b, t] @ w3 + s * x_up @ a3[e] @ b3[e])
+                dropped = hidden * keep_down_btkf[b, t, j] / (1 - rate)
+                expected[b, t] += w * (hidden @ w2 + s * dropped @ a2[e] @ b2[e])
+    np.testing.assert_allclose(got, expected, **TOL)
+    # The masks matter: the output differs from the output without dropout.
+    assert not np.allclose(got, module(x_btd, context(train=False, shape=SHAPE)), **TOL)
 
 
 def test_tokens_routed_only_to_identity_experts_get_exactly_the_frozen_ffn():
