@@ -7,6 +7,12 @@ dynamic merging.
 
 The frozen W1 x and W3 x are computed once. Because W2 is shared and linear, sum_j w_j W2 h_j = W2 (sum_j w_j h_j), so
 the frozen down projection also runs once, on the mixed hidden state; only the low-rank parts are per expert.
+
+Cost: each top-k slot keeps its expert's rank-r code with a one-hot over the E LoRA experts, so its B (gate, up) and A
+(down) products contract over E * r, E times a grouped product's multiply-adds. A sorted, tiled grouped product was
+measured no faster on CPU once made safe for data sharding (BENCHMARKS.md), and `jax.lax.ragged_dot` lowers to the same
+dense product on XLA:CPU. The slots run one at a time with (batch, time, f) arrays, and each slot's hidden state is
+recomputed in the backward pass rather than saved.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ and the backward pass writes a second array of that size for their gradient. Her
 live only while the chunk is processed, and the gradient with respect to the hidden states is computed in the same
 pass (softmax minus one-hot, times the head), so the backward pass only scales it. The head is frozen (adapters never
 target it), so no gradient for it is formed.
+
+Tokens outside the loss (prompts, padding) need no logits. Each row's loss tokens are moved to its front (a gather of
+the hidden states), so the chunks at the end hold none of them in any row and are skipped; on instruction data, where
+the prompt is often half of the tokens, that removes a large share of the head's work.
 """
 
 from __future__ import annotations
@@ -34,8 +38,17 @@ def _chunk_loss_and_grad(hidden_bcd: jax.Array, head_vd: jax.Array, targets_bc: 
     return ce_sum, grad_hidden_bcd
 
 
+def _skipped_chunk(hidden_bcd, head_vd, targets_bc, weights_bc):
+    return jnp.zeros((), jnp.float32), jnp.zeros(hidden_bcd.shape, jnp.float32)
+
+
 def _loss_and_grad(hidden_btd, head_vd, targets_bt, weights_bt, chunk_tokens):
     b, t, d = hidden_btd.shape
+    # Each row's loss tokens first (stable, so in their order), then every other token.
+    order_bt = jnp.argsort(weights_bt == 0, axis=1, stable=True)
+    hidden_btd = jnp.take_along_axis(hidden_btd, order_bt[..., None], axis=1)
+    targets_bt = jnp.take_along_axis(targets_bt, order_bt, axis=1)
+    weights_bt = jnp.take_along_axis(weights_bt, order_bt, axis=1)
     chunk_t = max(1, min(t, chunk_tokens // b))
     pad = -t % chunk_t
     if pad:
@@ -48,13 +61,15 @@ def _loss_and_grad(hidden_btd, head_vd, targets_bt, weights_bt, chunk_tokens):
         return jnp.moveaxis(x.reshape(b, n, chunk_t, *x.shape[2:]), 1, 0)
 
     def one_chunk(total, chunk):
-        ce_sum, grad_bcd = _chunk_loss_and_grad(chunk[0], head_vd, chunk[1], chunk[2])
+        hidden_bcd, targets_bc, weights_bc = chunk
+        ce_sum, grad_bcd = jax.lax.cond(jnp.any(weights_bc != 0), _chunk_loss_and_grad, _skipped_chunk,
+                                        hidden_bcd, head_vd, targets_bc, weights_bc)
         return total + ce_sum, grad_bcd
 
     ce_sum, grad_nbcd = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32),
                                      (by_chunk(hidden_btd), by_chunk(targets_bt), by_chunk(weights_bt)))
     grad_btd = jnp.moveaxis(grad_nbcd, 0, 1).reshape(b, n * chunk_t, d)[:, :t]
-    return ce_sum, grad_btd
+    return ce_sum, jnp.take_along_axis(grad_btd, jnp.argsort(order_bt, axis=1)[..., None], axis=1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

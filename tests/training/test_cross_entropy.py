@@ -46,3 +46,19 @@ def test_masked_tokens_get_no_gradient():
     grad = jax.grad(lambda h: head_cross_entropy(h, head, targets, mask, 8)[0])(hidden)
     assert np.all(np.asarray(grad)[mask == 0] == 0)
     assert np.all(np.abs(np.asarray(grad)[mask == 1]).sum(axis=-1) > 0)
+
+
+@pytest.mark.parametrize("chunk_tokens", [3, 9])
+def test_prompt_heavy_rows_with_skipped_chunks_match_whole_logits(chunk_tokens):
+    """Loss tokens only in a few places (a prompt-heavy batch, one row with none at all): the chunks that end up holding
+    no loss token are skipped, and the loss and gradient still equal those of the whole logits."""
+    hidden, head, targets, _ = inputs(seed=2)
+    mask = np.zeros(targets.shape, np.int32)
+    mask[0, 15:19] = 1  # a response at the end of the row
+    mask[1, [2, 9, 20]] = 1  # scattered
+    expected_loss, expected_grad = jax.value_and_grad(reference_loss)(hidden, head, targets, mask.astype(np.float32))
+    value, grad = jax.jit(jax.value_and_grad(lambda h: head_cross_entropy(h, head, targets, mask, chunk_tokens)[0]))(
+        hidden)
+    np.testing.assert_allclose(value, expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), atol=1e-6, rtol=1e-5)
+    assert np.all(np.asarray(grad)[mask == 0] == 0)
