@@ -1,7 +1,8 @@
 """Training throughput of every method on SmolLM2-135M next to transformers + PEFT LoRA in PyTorch (issue 4).
 
 One step = the trainer's jitted step (forward, backward w.r.t. adapters and routers only, AdamW update) on a global
-batch of 8 x 256 tokens, as BASELINES.md measures PyTorch. Each system runs in its own subprocess so peak memory
+batch of 8 x 256 random tokens, all in the loss, as BASELINES.md measures PyTorch; the demo row runs `configs/demo.yaml`
+on one batch of its own gsm_symbolic data (the loss on the answers only, so the head skips the prompt-only chunks). Each system runs in its own subprocess so peak memory
 (ru_maxrss) is its own; figures are medians over timed steps after the first and one untimed warm-up step (the first,
 with compilation, is reported as time to first step). Also reported: optimizer-state bytes against trainable-parameter
 bytes (AdamW: 2x, nothing for the base). Our workers run with the huge-page malloc tunable, as the `jaxmoelora`
@@ -81,6 +82,11 @@ def build_jax(method: str, demo: bool = False):
                     "segment_ids": np.ones((batch, seq), np.int32),
                     "task_type": (np.arange(batch)[:, None] % 2 * np.ones((1, seq))).astype(np.int32)}
 
+    if demo:  # the demo's own data: gsm_symbolic prompts and answers, the loss on the answers only
+        from jaxmoelora.data.pipeline import make_dataset
+        from jaxmoelora.loading.pretrained import load_tokenizer
+        batch_arrays = next(iter(make_dataset(experiment.data, load_tokenizer(experiment.model.path))))
+
     def step() -> None:
         holder["state"], metrics = step_fn(holder["state"], frozen, batch_arrays)
         jax.block_until_ready(metrics["loss"])
@@ -90,6 +96,7 @@ def build_jax(method: str, demo: bool = False):
     facts = {"system": f"jaxmoelora demo ({batch} x {seq})" if demo else f"jaxmoelora {method}",
              "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)), "tokens": batch * seq,
              "optimizer_bytes_over_trainable": nbytes(state.opt_state) / nbytes(state.trainable),
+             "loss_token_share": float(np.mean(batch_arrays["loss_mask"])),
              "frozen_bytes": nbytes(frozen)}
     return step, facts
 
