@@ -70,7 +70,8 @@ expert_codes.defvjp(_expert_codes_fwd, _expert_codes_bwd)
 
 def _slot_hidden(act, dropout: float, gate_btf, up_btf, delta_g_btf, delta_u_btf, hidden0_btf, w_bt1, keep_btf):
     """One top-k slot's expert hidden state act(W1 x + dg) * (W3 x + du): its weighted share of the mixed hidden
-    state (relative to the frozen h0 when given) and, dropped out when `keep_btf` is given, its down-projection input."""
+    state (relative to the frozen h0 when given) and, dropped out when `keep_btf` is given, its down-projection
+    input."""
     hidden_btf = act(gate_btf + delta_g_btf) * (up_btf + delta_u_btf)
     share_btf = w_bt1 * (hidden_btf if hidden0_btf is None else hidden_btf - hidden0_btf)
     if keep_btf is not None:
