@@ -4,9 +4,10 @@ One step = the trainer's jitted step (forward, backward w.r.t. adapters and rout
 batch of 8 x 256 random tokens, all in the loss, as BASELINES.md measures PyTorch; the demo row runs `configs/demo.yaml`
 on one batch of its own gsm_symbolic data (the loss on the answers only, so the head skips the prompt-only chunks).
 Each system runs in its own subprocess so peak memory (ru_maxrss) is its own; figures are medians over timed steps
-after the first and one untimed warm-up step (the first, with compilation, is reported as time to first step). Also reported: optimizer-state bytes against trainable-parameter
-bytes (AdamW: 2x, nothing for the base). Our workers run with the huge-page malloc tunable, as the `jaxmoelora`
-command runs itself (jaxmoelora/host_memory.py); PEFT runs both as torch runs by default and with that tunable.
+after the first and one untimed warm-up step (the first, with compilation, is reported as time to first step). Also
+reported: optimizer-state bytes against trainable-parameter bytes (AdamW: 2x, nothing for the base). Our workers run
+with the huge-page malloc tunable, as the `jaxmoelora` command runs itself (jaxmoelora/host_memory.py); PEFT runs both
+as torch runs by default and with that tunable.
 
     python benchmarks/bench_training.py                       # every method + PEFT LoRA, 5 timed steps each
     python benchmarks/bench_training.py --methods loramoe lora --steps 3
