@@ -8,11 +8,13 @@ dynamic merging.
 The frozen W1 x and W3 x are computed once. Because W2 is shared and linear, sum_j w_j W2 h_j = W2 (sum_j w_j h_j), so
 the frozen down projection also runs once, on the mixed hidden state; only the low-rank parts are per expert.
 
-Cost: each top-k slot keeps its expert's rank-r code with a one-hot over the E LoRA experts, so its B (gate, up) and A
-(down) products contract over E * r, E times a grouped product's multiply-adds. A sorted, tiled grouped product was
-measured no faster on CPU once made safe for data sharding (BENCHMARKS.md), and `jax.lax.ragged_dot` lowers to the same
-dense product on XLA:CPU. The slots run one at a time with (batch, time, f) arrays, and each slot's hidden state is
-recomputed in the backward pass rather than saved.
+Cost: within each top-k slot the tokens are sorted by their LoRA expert into tiles of one expert each
+(`grouped_experts.py`), so every low-rank product contracts over the rank r: the expert products cost what one LoRA of
+rank r per slot costs, plus moving the slot's rows into and out of expert order. Sorting stays within slices of the
+batch that lie on one device. On XLA:CPU this measured 10% faster per FFN layer than a one-hot over all E experts at
+2,048 tokens and level at 512 (BENCHMARKS.md); `jax.lax.ragged_dot` lowers to the dense one-hot product there. The
+slots run one at a time with (batch, time, f) arrays, and each slot's hidden state is recomputed in the backward pass
+rather than saved.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoelora.adapters.config import AdapterConfig
-from jaxmoelora.adapters.fast_random import keep_mask
+from jaxmoelora.adapters.fast_random import expert_keep_masks, keep_mask, mask_seed
+from jaxmoelora.adapters.grouped_experts import (batch_groups, group_tokens, tile_products, tile_size_for,
+                                                to_sorted_rows, to_token_rows)
 from jaxmoelora.adapters.initializers import make_initializer
-from jaxmoelora.adapters.lora_linear import LoRAExperts, expert_outputs, lora_codes
+from jaxmoelora.adapters.lora_linear import LoRAExperts
 from jaxmoelora.adapters.routing import router_probs, routing_summary, topk_weights
 from jaxmoelora.adapters.variables import AdapterState, RouterParam
 from jaxmoelora.adapters.yielding import out_of_domain_score, slide_clusters
@@ -34,38 +38,15 @@ from jaxmoelora.models.decoder import MLP
 from jaxmoelora.models.layers import stacked_param
 
 
-def slot_codes(x_btd: jax.Array, a_edr: jax.Array, key: jax.Array | None, dropout: float, top_k: int) -> jax.Array:
-    """Every LoRA expert's code x A_e for each top-k slot: (batch, time, k, experts, rank), slot j's input under its
-    own dropout mask when `key` is given (the same code for every slot without).
+def slot_inputs(x_btd: jax.Array, key: jax.Array | None, dropout: float, top_k: int) -> list[jax.Array]:
+    """The LoRA input x of each top-k slot, under the slot's own dropout mask when `key` is given.
 
     The official code drops out x inside each expert, and a token reaches only the k experts it picked, so one mask
-    per slot gives every used (token, expert) pair its own mask, as E masks per token would, for k masked copies of
-    x instead of E."""
-    e, d, r = a_edr.shape
-    a_1dx = a_edr.astype(x_btd.dtype).transpose(1, 0, 2).reshape(1, d, e * r)
-    codes_bt_x = lora_codes(x_btd, a_1dx, key=key, dropout=dropout, num_experts=top_k if key is not None else 1)
-    codes_bt_x = jnp.broadcast_to(codes_bt_x, (*codes_bt_x.shape[:2], top_k, e * r))
-    return codes_bt_x.reshape(*codes_bt_x.shape[:3], e, r)
-
-
-@jax.custom_vjp
-def expert_codes(h_btf: jax.Array, a_efr: jax.Array) -> jax.Array:
-    """h A_e for every expert: (batch, time, experts, rank)."""
-    return jnp.einsum("btf,efr->bter", h_btf, a_efr)
-
-
-def _expert_codes_fwd(h_btf, a_efr):
-    return expert_codes(h_btf, a_efr), (h_btf, a_efr)
-
-
-def _expert_codes_bwd(residuals, g_bter):
-    h_btf, a_efr = residuals
-    # A's gradient with the rank-sized cotangent as the left operand (see `expert_outputs`).
-    g_a_erf = jnp.einsum("bter,btf->erf", g_bter, h_btf)
-    return jnp.einsum("bter,efr->btf", g_bter, a_efr), g_a_erf.transpose(0, 2, 1).astype(a_efr.dtype)
-
-
-expert_codes.defvjp(_expert_codes_fwd, _expert_codes_bwd)
+    per slot gives every used (token, expert) pair its own mask, as E masks per token would."""
+    if key is None:
+        return [x_btd] * top_k
+    keeps = expert_keep_masks(mask_seed(key), top_k, 1.0 - dropout, x_btd.shape)
+    return [jnp.where(keep, x_btd / (1.0 - dropout), 0).astype(x_btd.dtype) for keep in keeps]
 
 
 def _slot_hidden(act, dropout: float, gate_btf, up_btf, delta_g_btf, delta_u_btf, hidden0_btf, w_bt1, keep_btf):
@@ -121,8 +102,6 @@ class MoEFeedForward(nnx.Module):
                 self.cluster_sigma.set_value(sigma)
         probs_bte = jax.nn.softmax(logits_bte, axis=-1)
         weights_bte, weights_btk, index_btk = topk_weights(probs_bte, config.top_k, config.renormalize_topk)
-        # Slot j's LoRA expert as a one-hot over the LoRA experts; identity experts select none.
-        lora_onehot_btke = jax.nn.one_hot(index_btk - n_id, config.num_lora_experts, dtype=x_btd.dtype)
 
         def key(part: str, needed: bool) -> jax.Array | None:
             return ctx.key_for(f"{self.name}/{part}") if needed and ctx is not None else None
@@ -130,16 +109,14 @@ class MoEFeedForward(nnx.Module):
         # Dynamic-merging masks in training, and at inference too when configured; dropout in training only.
         merge = config.merge_drop_rate > 0 and (train or config.merge_at_inference)
         dropout = train and config.dropout > 0
-        s = config.scaling
-        a_g, b_g = self.gate_experts.factors(key("merge_gate", merge), config)
-        a_u, b_u = self.up_experts.factors(key("merge_up", merge), config)
-        a_d, b_d = self.down_experts.factors(key("merge_down", merge), config)
+        s, dtype = config.scaling, x_btd.dtype
+        a_g, b_g = (f.astype(dtype) for f in self.gate_experts.factors(key("merge_gate", merge), config))
+        a_u, b_u = (f.astype(dtype) for f in self.up_experts.factors(key("merge_up", merge), config))
+        a_d, b_d = (f.astype(dtype) for f in self.down_experts.factors(key("merge_down", merge), config))
 
-        dtype = x_btd.dtype
         gate_btf, up_btf = base.gate_proj(x_btd), base.up_proj(x_btd)
-        codes_g_btker = slot_codes(x_btd, a_g, key("dropout_gate", dropout), config.dropout, config.top_k)
-        codes_u_btker = slot_codes(x_btd, a_u, key("dropout_up", dropout), config.dropout, config.top_k)
-        b_g, b_u, a_d = b_g.astype(dtype), b_u.astype(dtype), a_d.astype(dtype)
+        x_gate_k = slot_inputs(x_btd, key("dropout_gate", dropout), config.dropout, config.top_k)
+        x_up_k = slot_inputs(x_btd, key("dropout_up", dropout), config.dropout, config.top_k)
         w_btk = weights_btk.astype(dtype)
         # h0 + sum_j w_j (h_j - h0) equals sum_j w_j h_j when the weights sum to one, and is exactly the frozen FFN's
         # hidden state when every adapter is zero (identity experts, B = 0).
@@ -153,20 +130,32 @@ class MoEFeedForward(nnx.Module):
                                                                   gate_btf.shape[2]), 1.0 - config.dropout)
         # Recomputed in the backward pass from its inputs: saving its intermediates costs more memory traffic.
         slot_hidden = jax.checkpoint(functools.partial(_slot_hidden, base.act, config.dropout))
-        # One top-k slot at a time, each with its own (batch, time, f) arrays: a (batch, time, k, f) layout makes
-        # XLA:CPU sum the k slots' gradients with a slow reduction over a middle axis.
-        mixed_codes_bter = None
+
+        b, t = x_btd.shape[:2]
+        groups = batch_groups(b)
+        tile = tile_size_for(b // groups * t, config.num_lora_experts)
+        grouped = lambda a_bt_: a_bt_.reshape(groups, -1, *a_bt_.shape[2:])  # noqa: E731
+        ungrouped = lambda a_gn_: a_gn_.reshape(b, t, *a_gn_.shape[2:])  # noqa: E731
+        lora_out_btd = jnp.zeros_like(x_btd)
+        # One top-k slot at a time, each with its own (batch, time, f) arrays; within a slot the tokens are sorted by
+        # their LoRA expert (identity experts pick none), so every low-rank product contracts over r alone.
         for j in range(config.top_k):
-            onehot_bte1 = lora_onehot_btke[:, :, j, :, None]  # slot j keeps only its own expert's rank-r code
+            grouping = group_tokens(grouped(index_btk[:, :, j] - n_id), config.num_lora_experts, tile)
+            sorted_rows = lambda a_bt_: to_sorted_rows(grouped(a_bt_), grouping)  # noqa: E731
+            token_rows = lambda a_gl_: ungrouped(to_token_rows(a_gl_, grouping))  # noqa: E731
+
+            def lora_delta(x_k, a_edr, b_erf):
+                codes_glr = tile_products(sorted_rows(x_k[j]), a_edr, grouping)
+                return s * token_rows(tile_products(codes_glr, b_erf, grouping))
+
             w_bt1 = w_btk[:, :, j, None]
             share_btf, down_in_btf = slot_hidden(
-                gate_btf, up_btf, s * expert_outputs(codes_g_btker[:, :, j] * onehot_bte1, b_g),
-                s * expert_outputs(codes_u_btker[:, :, j] * onehot_bte1, b_u), hidden0_btf, w_bt1,
+                gate_btf, up_btf, lora_delta(x_gate_k, a_g, b_g), lora_delta(x_up_k, a_u, b_u), hidden0_btf, w_bt1,
                 None if keep_btkf is None else keep_btkf[:, :, j])
             mixed_btf = mixed_btf + share_btf
-            codes_d_bter = expert_codes(down_in_btf, a_d) * (w_bt1[..., None] * onehot_bte1)
-            mixed_codes_bter = codes_d_bter if mixed_codes_bter is None else mixed_codes_bter + codes_d_bter
-        out_btd = base.down_proj(mixed_btf) + s * expert_outputs(mixed_codes_bter, b_d.astype(dtype))
+            codes_d_glr = tile_products(sorted_rows(down_in_btf), a_d, grouping) * sorted_rows(w_bt1)
+            lora_out_btd = lora_out_btd + token_rows(tile_products(codes_d_glr, b_d, grouping))
+        out_btd = base.down_proj(mixed_btf) + s * lora_out_btd
         if ctx is not None:
             aux = routing_summary(probs_bte, index_btk, ctx.token_mask_bt)
             if n_id:
@@ -176,3 +165,4 @@ class MoEFeedForward(nnx.Module):
                 aux["l1"] = self.gate_experts.l1() + self.up_experts.l1() + self.down_experts.l1()
             ctx.aux[self.name] = aux
         return out_btd
+
