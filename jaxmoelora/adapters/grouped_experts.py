@@ -23,13 +23,13 @@ import jax.numpy as jnp
 class ExpertGrouping(NamedTuple):
     """Where each token's row sits among the sorted rows of its group, and back.
 
-    sorted_from_gl: for each sorted row, the token it holds (num_tokens for a padding row)
-    token_to_gn:    for each token, its sorted row (num_rows for a token that picked no LoRA expert)
-    tile_experts_gne: one-hot of each tile's expert (all zeros for an empty tile)
+    sorted_from_gl:   for each sorted row, the token it holds (num_tokens for a padding row)
+    token_to_gn:      for each token, its sorted row (num_rows for a token that picked no LoRA expert)
+    tile_experts_gte: one-hot of each tile's expert (all zeros for an empty tile)
     """
     sorted_from_gl: jax.Array
     token_to_gn: jax.Array
-    tile_experts_gne: jax.Array
+    tile_experts_gte: jax.Array
     tile_size: int
 
 
@@ -41,8 +41,9 @@ def tile_size_for(tokens: int, num_experts: int) -> int:
 
 
 def batch_groups(batch: int) -> int:
-    """Groups of rows that each lie on one device whatever the batch sharding: gcd(batch, device count), since a
-    sharded batch is split into a number of shards that divides both."""
+    """Groups of rows that each lie on one device whatever the batch sharding of a mesh over all devices:
+    gcd(batch, device count), since such a batch is split into a number of shards that divides both. (With a mesh
+    over fewer devices the results are the same; the sort may then cross devices.)"""
     return math.gcd(batch, jax.device_count())
 
 
@@ -120,7 +121,7 @@ def to_token_rows(y_gl_: jax.Array, grouping: ExpertGrouping) -> jax.Array:
 
 def tile_products(rows_glx: jax.Array, factor_exy: jax.Array, grouping: ExpertGrouping) -> jax.Array:
     """Each sorted row times its tile's expert factor: (groups, rows, x) x (experts, x, y) -> (groups, rows, y)."""
-    return _tile_products(rows_glx, factor_exy, grouping.tile_experts_gne, grouping.tile_size)
+    return _tile_products(rows_glx, factor_exy, grouping.tile_experts_gte, grouping.tile_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -70,7 +70,7 @@ def test_each_tile_holds_one_expert_and_every_used_token_one_row():
     sorted_from_gl = np.asarray(grouping.sorted_from_gl)
     rows = sorted_from_gl.shape[1]
     assert rows % 8 == 0
-    tile_experts_gte = np.asarray(grouping.tile_experts_gne)
+    tile_experts_gte = np.asarray(grouping.tile_experts_gte)
     for g in range(2):
         experts = np.asarray(expert_gn[g])
         held = sorted_from_gl[g][sorted_from_gl[g] < 50]
