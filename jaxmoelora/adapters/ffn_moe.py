@@ -26,11 +26,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoelora.adapters.config import AdapterConfig
-from jaxmoelora.adapters.fast_random import expert_keep_masks, keep_mask, mask_seed
+from jaxmoelora.adapters.fast_random import keep_mask
 from jaxmoelora.adapters.grouped_experts import (batch_groups, group_tokens, tile_products, tile_size_for,
                                                 to_sorted_rows, to_token_rows)
 from jaxmoelora.adapters.initializers import make_initializer
-from jaxmoelora.adapters.lora_linear import LoRAExperts
+from jaxmoelora.adapters.lora_linear import LoRAExperts, expert_dropout
 from jaxmoelora.adapters.routing import router_probs, routing_summary, topk_weights
 from jaxmoelora.adapters.variables import AdapterState, RouterParam
 from jaxmoelora.adapters.yielding import out_of_domain_score, slide_clusters
@@ -43,10 +43,7 @@ def slot_inputs(x_btd: jax.Array, key: jax.Array | None, dropout: float, top_k: 
 
     The official code drops out x inside each expert, and a token reaches only the k experts it picked, so one mask
     per slot gives every used (token, expert) pair its own mask, as E masks per token would."""
-    if key is None:
-        return [x_btd] * top_k
-    keeps = expert_keep_masks(mask_seed(key), top_k, 1.0 - dropout, x_btd.shape)
-    return [jnp.where(keep, x_btd / (1.0 - dropout), 0).astype(x_btd.dtype) for keep in keeps]
+    return [x_btd] * top_k if key is None else list(expert_dropout(key, x_btd, dropout, top_k))
 
 
 def _slot_hidden(act, dropout: float, gate_btf, up_btf, delta_g_btf, delta_u_btf, hidden0_btf, w_bt1, keep_btf):
@@ -165,4 +162,3 @@ class MoEFeedForward(nnx.Module):
                 aux["l1"] = self.gate_experts.l1() + self.up_experts.l1() + self.down_experts.l1()
             ctx.aux[self.name] = aux
         return out_btd
-
