@@ -145,12 +145,19 @@ def _tile_products_fwd(rows_glx, factor_exy, tile_experts_gte, tile):
 
 def _tile_products_bwd(tile, residuals, g_gly):
     rows_glx, factor_exy, tile_experts_gte = residuals
-    tiled_g_gtsy = _tiled(g_gly, tile)
-    # The factor's gradient with the rows as the left operand (see `lora_linear.expert_outputs`), summed from the
-    # tiles back onto their experts by the transposed one-hot product.
-    g_tiles_gtxy = jnp.einsum("gtsx,gtsy->gtxy", _tiled(rows_glx, tile), tiled_g_gtsy)
-    g_factor_exy = jnp.einsum("gte,gtxy->exy", tile_experts_gte.astype(g_tiles_gtxy.dtype), g_tiles_gtxy)
-    g_rows_gtsx = jnp.einsum("gtsy,gtxy->gtsx", tiled_g_gtsy, _tile_factors(factor_exy, tile_experts_gte))
+    rows_gtsx, g_gtsy = _tiled(rows_glx, tile), _tiled(g_gly, tile)
+    tiles_gte = tile_experts_gte.astype(g_gly.dtype)
+    # XLA:CPU gives a batched matmul its fast kernel only when the left operand contracts over its last axis and the
+    # right one over its first non-batch axis; each product below is written so, transposing only rank-wide arrays.
+    # The factor's gradient is summed from the tiles back onto their experts by the transposed one-hot product.
+    if rows_glx.shape[-1] <= factor_exy.shape[-1]:  # rows of rank width: a B factor
+        g_tiles_gtxy = jnp.einsum("gtxs,gtsy->gtxy", jnp.swapaxes(rows_gtsx, 2, 3), g_gtsy)
+        g_factor_exy = jnp.einsum("gte,gtxy->exy", tiles_gte, g_tiles_gtxy)
+    else:  # an A factor: the rank-wide operand is the gradient
+        g_tiles_gtyx = jnp.einsum("gtys,gtsx->gtyx", jnp.swapaxes(g_gtsy, 2, 3), rows_gtsx)
+        g_factor_exy = jnp.swapaxes(jnp.einsum("gte,gtyx->eyx", tiles_gte, g_tiles_gtyx), 1, 2)
+    factor_t_gtyx = _tile_factors(jnp.swapaxes(factor_exy, 1, 2), tile_experts_gte)
+    g_rows_gtsx = jnp.einsum("gtsy,gtyx->gtsx", g_gtsy, factor_t_gtyx)
     return g_rows_gtsx.reshape(rows_glx.shape), g_factor_exy.astype(factor_exy.dtype), jnp.zeros_like(tile_experts_gte)
 
 
