@@ -45,8 +45,9 @@ def test_8_devices_train_like_1_device(runs):
     final_8 = read_checkpoint_arrays(scratch["output_dir"] / "checkpoints", 12)
     final_1 = read_checkpoint_arrays(one.checkpoints, 12)
     # Adam divides each gradient by its own root mean square, so a coordinate whose gradient is near zero turns a
-    # reduction-order difference of 1e-7 into a step difference of up to the learning rate (0.01 here). Allow a
-    # thousandth of the 12 steps' largest possible movement, far below what a wrong gradient moves.
+    # reduction-order difference of 1e-7 into a step difference of up to the learning rate (0.01 here); single
+    # coordinates differed by 6.4e-5 and 1.3e-4 in CI runs. Allow a hundredth of the 12 steps' largest possible
+    # movement: a wrong gradient moves coordinates by about the learning rate every step, and the losses match to 1e-5.
     movement_bound = 0.01 * 12
     for name in final_1:
-        np.testing.assert_allclose(final_8[name], final_1[name], rtol=1e-4, atol=1e-3 * movement_bound, err_msg=name)
+        np.testing.assert_allclose(final_8[name], final_1[name], rtol=1e-4, atol=1e-2 * movement_bound, err_msg=name)
