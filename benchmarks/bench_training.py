@@ -13,6 +13,7 @@ as torch runs by default and with that tunable.
     python benchmarks/bench_training.py --methods loramoe lora --steps 3
     python benchmarks/bench_training.py --methods loramoe --no-demo --repeat 2
     python benchmarks/bench_training.py --methods --no-demo --no-unrolled --remat   # remat policies against PEFT
+    python benchmarks/bench_training.py --methods loramoe mixlora --remat-policy save_dots   # each with and without
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def peak_rss_gb() -> float:
 
 
 def build_jax(method: str, demo: bool = False):
-    """(step function that runs one training step and waits for it, facts about the setup) for our `method`."""
+    """(step function that runs one training step and waits for it, facts about the setup) for our `method`;
+    `method@policy` runs it with model.remat=true and that remat policy."""
     import jax
     import numpy as np
 
@@ -57,6 +59,7 @@ def build_jax(method: str, demo: bool = False):
     from jaxmoelora.training.optimizer import make_optimizer, split_by_labels
     from jaxmoelora.training.step import TrainState, make_train_step
 
+    method, _, method_policy = method.partition("@")
     if demo:
         experiment = load_experiment("configs/demo.yaml")
         adapter, options, batch, seq = experiment.adapter, experiment.train, experiment.data.batch_size, \
@@ -69,7 +72,8 @@ def build_jax(method: str, demo: bool = False):
         adapter, options, batch, seq = jaxmoelora.preset(method), TrainOptions(steps=1000), BATCH, SEQ
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     model = jaxmoelora.from_pretrained("smollm2-135m", mesh=mesh, adapter=adapter, scan_layers=method != UNROLLED,
-                                       remat=method in REMAT, remat_policy=REMAT.get(method, "full"))
+                                       remat=method in REMAT or bool(method_policy),
+                                       remat_policy=method_policy or REMAT.get(method, "full"))
     graphdef, trainable, adapter_state, frozen = split_by_labels(model)
     tx = make_optimizer(options, trainable)
     opt_state = jax.jit(tx.init)(trainable)
@@ -94,7 +98,8 @@ def build_jax(method: str, demo: bool = False):
 
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     state = holder["state"]
-    facts = {"system": f"jaxmoelora demo ({batch} x {seq})" if demo else f"jaxmoelora {method}",
+    system = f"jaxmoelora demo ({batch} x {seq})" if demo else f"jaxmoelora {method}"
+    facts = {"system": system + (f", remat_policy={method_policy}" if method_policy else ""),
              "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)), "tokens": batch * seq,
              "optimizer_bytes_over_trainable": nbytes(state.opt_state) / nbytes(state.trainable),
              "loss_token_share": float(np.mean(batch_arrays["loss_mask"])),
@@ -169,6 +174,8 @@ def main() -> None:
     parser.add_argument("--no-demo", action="store_true")
     parser.add_argument("--no-unrolled", action="store_true", help="skip the scan_layers=false row")
     parser.add_argument("--remat", action="store_true", help="add our PEFT-matched LoRA with each remat policy")
+    parser.add_argument("--remat-policy", choices=("full", "save_dots"),
+                        help="also run each of --methods with model.remat=true and this policy, next to it")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the whole list of workers this many times in turn (the machine's speed drifts); "
                              "each system's tokens/s is then the median over the repeats, with their range")
@@ -179,7 +186,8 @@ def main() -> None:
         return
     workers = (([] if args.no_peft else [*PEFT_WORKERS, PEFT_MATCHED]) + ([] if args.no_unrolled else [UNROLLED])
                + (list(REMAT) if args.remat else [])
-               + list(args.methods) + ([] if args.no_demo else ["demo"]))
+               + [w for m in args.methods for w in ([m, f"{m}@{args.remat_policy}"] if args.remat_policy else [m])]
+               + ([] if args.no_demo else ["demo"]))
     runs: dict[str, list[dict]] = {}
     for worker in workers * args.repeat:
         # Our workers run as the `jaxmoelora` command runs itself (jaxmoelora/host_memory.py); "peft" as torch runs.
