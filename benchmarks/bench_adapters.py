@@ -6,8 +6,9 @@ loss = mean cross-entropy + the method's weighted auxiliary losses (train=True: 
 For each method, plain LoRA goes on the same target modules with the rank that matches the method's trainable count
 (same dropout); the two are timed in the same run, in alternating blocks of steps, and the ratio is method / LoRA
 over the steps that follow a step of the same program, as in a training loop (issue 3's targets: <= 1.25 for every
-MoE method, <= 1.15 for LoRAMoE). The first step of each block, which follows the other program, is reported apart. The naive loop (`NaiveLoRAMoELinear`) runs LoRAMoE's forward as
-`peft/tuners/lora.py` does: for each expert, `result += w_e * B_e(A_e(dropout(x))) * s`, a new dropout mask each time.
+MoE method, <= 1.15 for LoRAMoE). The first step of each block, which follows the other program, is reported apart.
+The naive loop (`NaiveLoRAMoELinear`) runs LoRAMoE's forward as `peft/tuners/lora.py` does: for each expert,
+`result += w_e * B_e(A_e(dropout(x))) * s`, a new dropout mask each time.
 
     python benchmarks/bench_adapters.py                    # small Llama (512 hidden, 4 layers) and SmolLM2-135M
     python benchmarks/bench_adapters.py --model small --quick
@@ -141,12 +142,9 @@ def build(model_name: str, adapter: AdapterConfig, *, naive: bool = False):
 
 def time_in_blocks(runs: dict, batch, rounds: int, block: int) -> dict:
     """Compiles each step (first call) and warms it up, then runs `rounds` rounds in which each step runs `block`
-    times back to back. The first step of a block follows a different program and pays for the host memory that
-    program released (kernel time for page faults: 1.4 s more system CPU time on SLIM's first step after LoRA at
-    SmolLM2 4 x 128, BENCHMARKS.md); the later ones run as in a training loop. Seconds per step: `steady_s` (the
-    later steps, per round) and `first_s` (the first step of each round)."""
-    if block < 2:
-        raise ValueError("--block must be at least 2: the first step of a block is not a steady-state step")
+    times back to back. The first step of a block follows a different program and pays, in page faults, for the host
+    memory that program gave back (BENCHMARKS.md); the later ones run as in a training loop. Seconds per step:
+    `steady_s` (the later steps, per round) and `first_s` (the first step of each block)."""
     compile_s = {}
     for name, run in runs.items():
         start = time.perf_counter()
@@ -167,15 +165,19 @@ def time_in_blocks(runs: dict, batch, rounds: int, block: int) -> dict:
 
 
 def median_round_ratio(method_s: list[float], lora_s: list[float]) -> float:
-    """The median over rounds of each round's method / LoRA ratio: the two steps of a round run back to back, so the
-    machine's slow drift (which moves whole rounds) cancels."""
+    """The median over rounds of each round's method / LoRA ratio: the two programs of a round run one after the other,
+    so the machine's slow drift (which moves whole rounds) cancels."""
     return statistics.median(m / l for m, l in zip(method_s, lora_s))
+
+
+def steady_steps(timed: dict) -> list[float]:
+    return sum(timed["steady_s"], [])
 
 
 def step_ratios(method: dict, lora: dict) -> dict:
     """Method / LoRA: of the median and of the minimum over all steady steps, by round (of each round's medians),
     and of the first steps after the other program."""
-    method_all, lora_all = sum(method["steady_s"], []), sum(lora["steady_s"], [])
+    method_all, lora_all = steady_steps(method), steady_steps(lora)
     per_round = lambda timed: [statistics.median(t) for t in timed["steady_s"]]  # noqa: E731
     return {"method_s": statistics.median(method_all), "lora_s": statistics.median(lora_all),
             "ratio": statistics.median(method_all) / statistics.median(lora_all),
@@ -206,7 +208,7 @@ def bench_model(model_name: str, methods, batch_size: int, seq: int, rounds: int
                "lora_trainable": lora_count, "targets": list(targeted_linears(config, model_config.num_layers)),
                **ratios, "tokens_per_s": tokens / ratios["method_s"], "compile_s": timed[method]["compile_s"]}
         if "naive" in timed:
-            row["naive_s"] = statistics.median(sum(timed["naive"]["steady_s"], []))
+            row["naive_s"] = statistics.median(steady_steps(timed["naive"]))
             row["naive_over_method"] = row["naive_s"] / ratios["method_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -241,6 +243,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="batch 4 x 128, 2 timed rounds")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
+    if args.block < 2:
+        parser.error("--block must be at least 2: the first step of a block is not a steady-state step")
     if args.quick:
         args.batch, args.seq, args.steps = 4, 128, 2
     models = ("small", "smollm2") if args.model == "all" else (args.model,)
